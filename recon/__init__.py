@@ -1,0 +1,4 @@
+"""recon: MRI reconstruction library (operators, data, SURE, BiasRecon adaptation).
+
+Never imports scores/.
+"""

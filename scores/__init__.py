@@ -1,0 +1,4 @@
+"""scores: score-based generative prior (noise schedules, networks, training, samplers).
+
+Never imports recon/.
+"""
