@@ -46,39 +46,60 @@ def _mask_2d(h, w, seed=2):
 
 # name -> (operator factory, image shape, k-space shape)
 REGISTRY = {
-    "fourier": (lambda: Fourier(), (2, 3, 8, 6), (2, 3, 8, 6)),
-    "fourier_odd": (lambda: Fourier(), (2, 1, 7, 5), (2, 1, 7, 5)),
-    "diagonal": (lambda: Diagonal(torch.randn(1, 1, 8, 6, dtype=DT, generator=_gen(3))), (2, 1, 8, 6), (2, 1, 8, 6)),
-    "coil_expansion": (lambda: CoilExpansion(_maps(2, 4, 8, 6)), (2, 1, 8, 6), (2, 4, 8, 6)),
-    "single_coil_1d": (lambda: SingleCoil(_mask_1d(8, 6), (2, 1, 8, 6), DT), (2, 1, 8, 6), (2, 1, 8, 6)),
-    "single_coil_odd": (lambda: SingleCoil(_mask_2d(7, 9), (1, 1, 7, 9), DT), (1, 1, 7, 9), (1, 1, 7, 9)),
-    "sense_1d_even": (lambda: Sense(_maps(2, 4, 8, 6), _mask_1d(8, 6)), (2, 1, 8, 6), (2, 4, 8, 6)),
-    "sense_2d_even": (lambda: Sense(_maps(2, 4, 10, 12), _mask_2d(10, 12)), (2, 1, 10, 12), (2, 4, 10, 12)),
-    "sense_signflip": (lambda: Sense(_maps(1, 3, 6, 8), _mask_2d(6, 8)), (1, 1, 6, 8), (1, 3, 6, 8)),
-    "sense_odd": (lambda: Sense(_maps(2, 3, 9, 7), _mask_2d(9, 7)), (2, 1, 9, 7), (2, 3, 9, 7)),
-    "sense_mask_w": (lambda: Sense(_maps(1, 2, 8, 10), _mask_1d(8, 10)[0]), (1, 1, 8, 10), (1, 2, 8, 10)),
+    "fourier": (lambda d: Fourier(), (2, 3, 8, 6), (2, 3, 8, 6)),
+    "fourier_odd": (lambda d: Fourier(), (2, 1, 7, 5), (2, 1, 7, 5)),
+    "diagonal": (lambda d: Diagonal(torch.randn(1, 1, 8, 6, dtype=DT, generator=_gen(3)).to(d)), (2, 1, 8, 6), (2, 1, 8, 6)),
+    "coil_expansion": (lambda d: CoilExpansion(_maps(2, 4, 8, 6).to(d)), (2, 1, 8, 6), (2, 4, 8, 6)),
+    "single_coil_1d": (lambda d: SingleCoil(_mask_1d(8, 6).to(d), (2, 1, 8, 6), DT, d), (2, 1, 8, 6), (2, 1, 8, 6)),
+    "single_coil_odd": (lambda d: SingleCoil(_mask_2d(7, 9).to(d), (1, 1, 7, 9), DT, d), (1, 1, 7, 9), (1, 1, 7, 9)),
+    "sense_1d_even": (lambda d: Sense(_maps(2, 4, 8, 6).to(d), _mask_1d(8, 6).to(d)), (2, 1, 8, 6), (2, 4, 8, 6)),
+    "sense_2d_even": (lambda d: Sense(_maps(2, 4, 10, 12).to(d), _mask_2d(10, 12).to(d)), (2, 1, 10, 12), (2, 4, 10, 12)),
+    "sense_signflip": (lambda d: Sense(_maps(1, 3, 6, 8).to(d), _mask_2d(6, 8).to(d)), (1, 1, 6, 8), (1, 3, 6, 8)),
+    "sense_fused": (
+        lambda d: Sense(_maps(2, 4, 8, 6).to(d), _mask_2d(8, 6).to(d), fused=True), (2, 1, 8, 6), (2, 4, 8, 6)
+    ),
+    "sense_odd": (lambda d: Sense(_maps(2, 3, 9, 7).to(d), _mask_2d(9, 7).to(d)), (2, 1, 9, 7), (2, 3, 9, 7)),
+    "sense_mask_w": (lambda d: Sense(_maps(1, 2, 8, 10).to(d), _mask_1d(8, 10)[0].to(d)), (1, 1, 8, 10), (1, 2, 8, 10)),
     "sense_mask_full": (
-        lambda: Sense(_maps(2, 3, 8, 6), torch.stack([_mask_2d(8, 6, 5), _mask_2d(8, 6, 6)])[:, None]),
+        lambda d: Sense(_maps(2, 3, 8, 6).to(d), torch.stack([_mask_2d(8, 6, 5), _mask_2d(8, 6, 6)])[:, None].to(d)),
         (2, 1, 8, 6),
         (2, 3, 8, 6),
     ),
     "composition": (
-        lambda: Diagonal(_mask_2d(8, 6)) @ Fourier() @ CoilExpansion(_maps(2, 3, 8, 6)),
+        lambda d: Diagonal(_mask_2d(8, 6).to(d)) @ Fourier() @ CoilExpansion(_maps(2, 3, 8, 6).to(d)),
         (2, 1, 8, 6),
         (2, 3, 8, 6),
     ),
-    "adjoint_view": (lambda: Sense(_maps(1, 3, 8, 6), _mask_2d(8, 6)).H, (1, 3, 8, 6), (1, 1, 8, 6)),
+    "adjoint_view": (lambda d: Sense(_maps(1, 3, 8, 6).to(d), _mask_2d(8, 6).to(d)).H, (1, 3, 8, 6), (1, 1, 8, 6)),
 }
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def device(request):
+    return torch.device(request.param)
 
 
 @pytest.fixture(params=sorted(REGISTRY))
-def case(request):
+def case(request, device):
     factory, ishape, oshape = REGISTRY[request.param]
-    return factory(), ishape, oshape
+    return factory(device), ishape, oshape
+
+
+_DEVICE = {"current": "cpu"}
 
 
 def _rand(shape, seed):
-    return torch.randn(shape, dtype=DT, generator=_gen(seed))
+    return torch.randn(shape, dtype=DT, generator=_gen(seed)).to(_DEVICE["current"])
+
+
+@pytest.fixture(autouse=True)
+def _random_on_device(request):
+    """Random test vectors follow the operator's device for the registry checks."""
+    _DEVICE["current"] = str(request.getfixturevalue("device")) if "device" in request.fixturenames else "cpu"
+    yield
+    _DEVICE["current"] = "cpu"
 
 
 def test_adjointness(case):
@@ -105,7 +126,7 @@ def test_normal_equals_adjoint_of_forward(case):
 def test_autograd_adjoint(case):
     """∇_x ½‖A x − y‖² at x = 0 equals −Aᴴ y, and the vjp of A equals A_adjoint."""
     op, ishape, oshape = case
-    x = torch.zeros(ishape, dtype=DT, requires_grad=True)
+    x = torch.zeros(ishape, dtype=DT, device=_DEVICE["current"], requires_grad=True)
     y = _rand(oshape, 15)
     (0.5 * torch.sum(torch.abs(op.A(x) - y) ** 2)).backward()
     torch.testing.assert_close(x.grad, -op.A_adjoint(y), rtol=1e-12, atol=1e-12)
@@ -131,6 +152,15 @@ def test_sense_odd_size_equals_sigpy():
     x = _rand((1, 1, 9, 7), 26)
     ref = sigpy.mri.linop.Sense(maps[0].numpy(), weights=mask.numpy())
     np.testing.assert_allclose(Sense(maps, mask).A(x)[0].numpy(), ref * x[0, 0].numpy(), rtol=0, atol=1e-12)
+
+
+def test_fused_coil_reduction_equals_eager():
+    maps, mask = _maps(2, 4, 8, 6, 40), _mask_1d(8, 6, 41)
+    x, y = _rand((2, 1, 8, 6), 42), _rand((2, 4, 8, 6), 43)
+    eager, fused = Sense(maps, mask, fused=False), Sense(maps, mask, fused=True)
+    assert not eager.fused and fused.fused
+    torch.testing.assert_close(fused.A_adjoint(y), eager.A_adjoint(y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.normal(x), eager.normal(x), rtol=1e-12, atol=1e-12)
 
 
 def test_single_coil_is_masked_fft():
@@ -206,10 +236,33 @@ def test_registry_covers_every_operator():
     classes = {v for v in vars(ops).values() if isinstance(v, type) and issubclass(v, LinearOperator)}
     used = set()
     for factory, _, _ in REGISTRY.values():
-        op = factory()
+        op = factory("cpu")
         stack = [op]
         while stack:
             o = stack.pop()
             used.add(type(o))
             stack += [getattr(o, k) for k in ("outer", "inner", "op") if isinstance(getattr(o, k, None), LinearOperator)]
     assert classes - {LinearOperator} <= used
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("mask_kind", ["1d", "2d"])
+@pytest.mark.parametrize("b,c,h,w", [(2, 15, 64, 48), (1, 15, 640, 368), (1, 4, 33, 31)])
+def test_cuda_complex64_matches_cpu_float64(mask_kind, b, c, h, w):
+    """The CUDA operators (fused coil combination, checkerboard folding) in complex64 agree with
+    the CPU float64 reference to float32 precision."""
+    maps = _maps(b, c, h, w, 50)
+    maps = maps / torch.sqrt(torch.sum(torch.abs(maps) ** 2, dim=1, keepdim=True))
+    mask = _mask_1d(h, w, 51) if mask_kind == "1d" else _mask_2d(h, w, 52)
+    x, y = _rand((b, 1, h, w), 53), _rand((b, c, h, w), 54)
+    ref = Sense(maps, mask)
+    gpu = Sense(maps.to("cuda", torch.complex64), mask.float().cuda())
+    assert gpu.fused
+    for got, want in [
+        (gpu.A(x.to("cuda", torch.complex64)), ref.A(x)),
+        (gpu.A_adjoint(y.to("cuda", torch.complex64)), ref.A_adjoint(y)),
+        (gpu.normal(x.to("cuda", torch.complex64)), ref.normal(x)),
+    ]:
+        err = torch.linalg.vector_norm(got.cpu().to(DT) - want) / torch.linalg.vector_norm(want)
+        assert err < 1e-5, float(err)
