@@ -1,12 +1,11 @@
 """Stein's Unbiased Risk Estimate for the data-consistency weight λ, and the noise level it needs.
 
-Noise convention: ``y = A x + n`` on the sampled entries, ``n = σ (z₁ + i z₂)`` with
-``z₁, z₂ ~ N(0, 1)`` — ``σ`` is the standard deviation of each real component, and complex data
-are treated as pairs of reals (``m`` real measurements = 2 × sampled complex entries).
+Noise convention (DESIGN.md): ``y = A x + n`` on the sampled entries, ``n ~ CN(0, σ²)``, i.e.
+``E|n|² = σ²`` and each real component has variance ``σ²/2``. Complex data are treated as pairs
+of reals: ``m`` sampled complex entries are ``2m`` real measurements, so for an estimate of the
+measurements ``f(y) = A x(λ; y)`` the real-valued SURE with per-component variance ``σ²/2`` reads::
 
-For an estimate of the measurements ``f(y) = A x(λ; y)``::
-
-    SURE(λ) = ‖y − f(y)‖² − m σ² + 2 σ² div_y f(y)
+    SURE(λ) = ‖y − f(y)‖² − m σ² + σ² div_y f(y)
 
 is unbiased for ``E‖f(y) − A x_true‖²`` (the measurement-domain risk). With ``x(λ)`` the prox
 ``(AᴴA + λI)⁻¹(Aᴴy + λ x̂₀)`` and ``x̂₀`` held fixed, ``f`` is affine in ``y``; its divergence
@@ -42,17 +41,17 @@ _MAD_TO_STD = 1.0 / 0.6744897501960817  # σ = MAD / Φ⁻¹(3/4) for a Gaussian
 
 
 def sampled_count(mask: torch.Tensor, kspace_shape: tuple[int, ...]) -> int:
-    """Number ``m`` of real measurements: 2 × sampled complex entries of a k-space of this shape."""
-    return int(2 * torch.count_nonzero(torch.broadcast_to(mask != 0, kspace_shape)))
+    """Number ``m`` of measured complex entries of a k-space of this shape."""
+    return int(torch.count_nonzero(torch.broadcast_to(mask != 0, kspace_shape)))
 
 
 def estimate_sigma(kspace: torch.Tensor, mask: torch.Tensor | None = None, outer_fraction: float = 0.15) -> float:
-    """Noise level ``σ`` (per real component) from the k-space alone, no noise scan needed.
+    """Noise level ``σ`` (``E|n|² = σ²``) from the k-space alone, no noise scan needed.
 
     Estimator: the outermost k-space corners (beyond ``1 − outer_fraction`` of the half-width in
     both directions) hold almost no signal, only noise. On the sampled entries there, the real and
-    imaginary parts are pooled and ``σ = median(|v − median v|) / 0.6745`` (median absolute
-    deviation, robust to the little signal left). Works on prospectively undersampled data: only
+    imaginary parts are pooled and ``σ = √2 · median(|v − median v|) / 0.6745`` (median absolute
+    deviation of one real component, robust to the little signal left). Works on prospectively undersampled data: only
     entries with ``mask ≠ 0`` (or, without a mask, non-zero entries) are used.
     Shape: ``kspace`` ``(..., C, H, W)`` complex; ``mask`` broadcastable to it.
     """
@@ -70,7 +69,7 @@ def estimate_sigma(kspace: torch.Tensor, mask: torch.Tensor | None = None, outer
         raise InputError("cannot estimate the noise level: fewer than 16 sampled k-space entries at the periphery")
     v = torch.view_as_real(kspace[keep]).reshape(-1).double()
     mad = torch.median(torch.abs(v - torch.median(v)))
-    return float(mad * _MAD_TO_STD)
+    return float(mad * _MAD_TO_STD * math.sqrt(2.0))
 
 
 def mc_divergence(f: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, mask: torch.Tensor,
@@ -93,8 +92,8 @@ def mc_divergence(f: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, ma
 
 
 def sure(y: torch.Tensor, fy: torch.Tensor, divergence: float, sigma: float, m: int) -> float:
-    """``SURE = ‖y − f(y)‖² − m σ² + 2 σ² div`` over the sampled entries (``fy`` masked like ``y``)."""
-    return float(torch.sum(torch.abs(y - fy) ** 2)) - m * sigma**2 + 2 * sigma**2 * divergence
+    """``SURE = ‖y − f(y)‖² − m σ² + σ² div`` over the ``m`` sampled complex entries (``fy`` masked like ``y``)."""
+    return float(torch.sum(torch.abs(y - fy) ** 2)) - m * sigma**2 + sigma**2 * divergence
 
 
 def sure_prox(op: LinearOperator, y: torch.Tensor, x_hat: torch.Tensor, lam: float, sigma: float,
@@ -120,8 +119,9 @@ def sure_prox(op: LinearOperator, y: torch.Tensor, x_hat: torch.Tensor, lam: flo
 def sure_prox_closed_form(op: SingleCoil, y: torch.Tensor, x_hat: torch.Tensor, lam: float, sigma: float) -> float:
     """Exact SURE of the single-coil Cartesian prox (binary mask).
 
-    Maths: on sampled entries ``f = (y + λ k̂₀)/(1 + λ)``, so with ``R = ‖y − M k̂₀‖²`` and
-    ``m`` real measurements ``SURE(λ) = (λ/(1+λ))² R − m σ² + 2 σ² m/(1 + λ)``.
+    Maths: on sampled entries ``f = (y + λ k̂₀)/(1 + λ)`` (divergence ``2m/(1 + λ)`` over real
+    pairs), so with ``R = ‖y − M k̂₀‖²`` and ``m`` sampled entries
+    ``SURE(λ) = (λ/(1+λ))² R − m σ² + 2 m σ²/(1 + λ)``.
     """
     if not isinstance(op, SingleCoil):
         raise InputError("the closed-form SURE needs a SingleCoil operator")
