@@ -1,0 +1,474 @@
+"""Sites: the schema of ``configs/sites/*.yaml``, the one loader, and the site simulator.
+
+A site says where its data come from — a user's fastMRI folder (``data.source: fastmri``,
+``data.root``) or the built-in simulator (``data.source: simulated``) — and how they are acquired
+(mask type, acceleration, centre fraction), with which coils and how much noise.
+
+Simulator (retrospective): for every subject, a warped and bias-modulated anatomy
+(:mod:`recon.data.anatomy`) with a smooth background phase gives complex images ``x``; coil
+k-space is ``y_c = fft2c(S_c x) + n_c`` (:mod:`recon.data.acquisition`), fully sampled. Files are
+fastMRI multi-coil volumes: ``kspace`` ``(slices, coils, H, W)`` complex64,
+``reconstruction_rss = rss(ifft2c(y))`` (fastMRI's target: RSS of the fully sampled *noisy*
+data), the true maps as ``sens_maps``, an ``ismrmrd_header``, and attributes ``acquisition``,
+``max``, ``norm``, ``noise_sigma`` (true σ per complex entry, raw scale), ``site``, ``seed``,
+``site_config``. The site's mask is applied at load time by :class:`FastMRISliceDataset`.
+
+Noise level: ``σ_raw = noise.sigma · median_s(scale_s)`` per volume, with ``scale_s`` the
+:func:`~recon.data.normalization_scale` of slice ``s``'s noiseless fully sampled k-space, so
+``noise.sigma`` is the noise level on the normalised scale of a typical slice.
+
+Seeds: subject ``i`` of an evaluation folder uses ``SeedSequence(seed, spawn_key=(EVAL, i +
+data.subject_seed_offset))``; training subject ``j`` of :func:`training_images` uses
+``SeedSequence(seed, spawn_key=(TRAIN, j))``. The two streams have different spawn keys, so a
+training subject never shares a deformation seed with an evaluation subject, for any seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import h5py
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from recon.coils import rss
+from recon.data.acquisition import MIN_RADIUS, birdcage_sens_maps, coil_noise_covariance, complex_noise
+from recon.data.anatomy import (
+    ANATOMY_SOURCES,
+    CONTRASTS,
+    ORIENTATIONS,
+    background_phase,
+    load_anatomy,
+    random_subject,
+    render_slice,
+    slice_offsets_mm,
+)
+from recon.data.fastmri_io import FastMRISliceDataset, ismrmrd_header, slice_mask_seed, write_kspace_volume
+from recon.data.normalize import normalization_scale
+from recon.errors import InputError
+from recon.fft import fft2c, ifft2c
+from recon.masks import MASK_TYPES, make_mask
+
+__all__ = [
+    "DataConfig",
+    "AnatomyConfig",
+    "CoilConfig",
+    "AcquisitionConfig",
+    "NoiseConfig",
+    "SiteConfig",
+    "SITES_DIR",
+    "EVAL_STREAM",
+    "TRAIN_STREAM",
+    "available_sites",
+    "load_site",
+    "subject_seed",
+    "simulate_site",
+    "site_dataset",
+    "training_images",
+]
+
+SITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "sites"
+"""``configs/sites`` of the repository (``recon/../configs/sites``)."""
+
+EVAL_STREAM = 0x4556414C  # "EVAL"
+TRAIN_STREAM = 0x5452414E  # "TRAN"
+
+TRAINING_SLICES_PER_SUBJECT = 16
+DEFAULT_TRAINING_SLICES = 256
+
+
+@dataclass
+class DataConfig:
+    """Where the data come from."""
+
+    source: str = "simulated"  # "simulated" | "fastmri"
+    root: Optional[str] = None  # fastMRI folder (data.source fastmri)
+    num_subjects: int = 2
+    slices_per_subject: int = 4
+    subject_seed_offset: int = 0
+
+
+@dataclass
+class AnatomyConfig:
+    """Simulated anatomy (ignored for fastMRI sites)."""
+
+    source: str = "mni152"  # "mni152" | "epi" | "nifti"
+    path: Optional[str] = None  # NIfTI file for source "nifti"
+    contrast: str = "t1"  # "t1" | "t2" | "pd" | "flair" | "native"
+    orientation: str = "axial"  # "axial" | "coronal" | "sagittal"
+    deformation_mm: float = 3.0
+    bias_field: float = 0.2
+    background_phase: float = 1.5  # radians of smooth phase variation across the field of view
+
+
+@dataclass
+class CoilConfig:
+    """Simulated receive coils (ignored for fastMRI sites)."""
+
+    count: int = 8
+    radius: float = 1.5
+    rotation_deg: float = 0.0
+    correlation: float = 0.0
+
+
+@dataclass
+class AcquisitionConfig:
+    """Matrix (simulated sites) and the retrospective sampling mask."""
+
+    matrix: List[int] = field(default_factory=lambda: [128, 128])
+    mask_type: str = "equispaced_1d"
+    acceleration: float = 4.0
+    center_fraction: float = 0.08
+    mask_seed: int = 0
+
+
+@dataclass
+class NoiseConfig:
+    """Simulated noise, relative to the normalised image scale."""
+
+    sigma: float = 0.005
+
+
+@dataclass
+class SiteConfig:
+    """One site (``configs/sites/NAME.yaml``)."""
+
+    name: str = ""
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    anatomy: AnatomyConfig = field(default_factory=AnatomyConfig)
+    coils: CoilConfig = field(default_factory=CoilConfig)
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+def available_sites() -> list[str]:
+    """Names of the sites in ``configs/sites``."""
+    return sorted(p.stem for p in SITES_DIR.glob("*.yaml"))
+
+
+def _locate(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise InputError(f"{candidate}: site file not found, expected a site YAML (see configs/sites/).")
+        return candidate
+    path = SITES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise InputError(
+            f"{SITES_DIR}: key 'site' {name_or_path!r} is unknown, expected one of: {', '.join(available_sites()) or '(none)'}."
+        )
+    return path
+
+
+def _check(ok: bool, path: Path, key: str, expected: str, value: object) -> None:
+    if not ok:
+        raise InputError(f"{path}: key '{key}' must be {expected}, got {value!r}.")
+
+
+def _validate(site: SiteConfig, path: Path) -> None:
+    d, a, c, q, n = site.data, site.anatomy, site.coils, site.acquisition, site.noise
+    _check(d.source in ("simulated", "fastmri"), path, "data.source", "'simulated' or 'fastmri'", d.source)
+    _check(q.mask_type in MASK_TYPES, path, "acquisition.mask_type", f"one of {', '.join(MASK_TYPES)}", q.mask_type)
+    _check(q.acceleration > 1, path, "acquisition.acceleration", "a number > 1", q.acceleration)
+    _check(0 < q.center_fraction < 1, path, "acquisition.center_fraction", "in (0, 1)", q.center_fraction)
+    if d.source == "fastmri":
+        if not d.root:
+            raise InputError(
+                f"{path}: key 'data.root' is not set, expected the folder of your fastMRI h5 files "
+                f"(pass data.root=/path/to/fastmri/multicoil_val)."
+            )
+        root = Path(os.path.expanduser(d.root))
+        if not root.is_dir():
+            raise InputError(f"{path}: key 'data.root' is {d.root!r}, which is not an existing folder of fastMRI h5 files.")
+        return
+    _check(d.num_subjects >= 1, path, "data.num_subjects", "a positive integer", d.num_subjects)
+    _check(d.slices_per_subject >= 1, path, "data.slices_per_subject", "a positive integer", d.slices_per_subject)
+    _check(d.subject_seed_offset >= 0, path, "data.subject_seed_offset", "a non-negative integer", d.subject_seed_offset)
+    _check(a.source in ANATOMY_SOURCES, path, "anatomy.source", f"one of {', '.join(ANATOMY_SOURCES)}", a.source)
+    _check(a.contrast in CONTRASTS, path, "anatomy.contrast", f"one of {', '.join(CONTRASTS)}", a.contrast)
+    _check(a.orientation in ORIENTATIONS, path, "anatomy.orientation", f"one of {', '.join(ORIENTATIONS)}", a.orientation)
+    if a.source != "mni152":
+        _check(a.contrast == "native", path, "anatomy.contrast", f"'native' for anatomy.source {a.source!r}", a.contrast)
+    if a.source == "nifti":
+        _check(bool(a.path) and Path(a.path).is_file(), path, "anatomy.path", "an existing NIfTI file", a.path)
+    _check(a.deformation_mm >= 0, path, "anatomy.deformation_mm", "a non-negative number", a.deformation_mm)
+    _check(a.bias_field >= 0, path, "anatomy.bias_field", "a non-negative number", a.bias_field)
+    _check(a.background_phase >= 0, path, "anatomy.background_phase", "a non-negative number (radians)", a.background_phase)
+    _check(1 <= c.count <= 64, path, "coils.count", "an integer in [1, 64]", c.count)
+    _check(c.radius >= MIN_RADIUS, path, "coils.radius", f"a number >= {MIN_RADIUS}", c.radius)
+    _check(0 <= c.correlation <= 0.9, path, "coils.correlation", "in [0, 0.9]", c.correlation)
+    _check(
+        len(q.matrix) == 2 and all(isinstance(s, int) and 16 <= s <= 1024 for s in q.matrix),
+        path, "acquisition.matrix", "two integers in [16, 1024] (H, W)", list(q.matrix),
+    )
+    _check(n.sigma >= 0 and math.isfinite(n.sigma), path, "noise.sigma", "a non-negative number", n.sigma)
+    try:
+        make_mask(q.mask_type, tuple(q.matrix), q.acceleration, q.center_fraction, 0)
+    except InputError as exc:
+        raise InputError(f"{path}: key 'acquisition' is not a valid mask request ({str(exc).rstrip('.')}).") from None
+
+
+def load_site(name_or_path: str, overrides: list[str] | None = None) -> SiteConfig:
+    """Load, override and validate a site: the one entry point for every script.
+
+    Maths: none. Shape: none.
+
+    Args:
+        name_or_path: A site name in ``configs/sites`` (e.g. ``unseen_center``) or a ``.yaml`` path.
+        overrides: omegaconf dotlist, e.g. ``["acquisition.acceleration=8", "noise.sigma=0.02"]``.
+
+    Returns:
+        The typed :class:`SiteConfig` (``name`` defaults to the file's stem).
+
+    Raises:
+        InputError: unknown site, unreadable YAML, unknown keys or wrong types in the file or the
+            overrides, invalid values, or a fastMRI site whose ``data.root`` is missing.
+    """
+    path = _locate(str(name_or_path))
+    schema = OmegaConf.structured(SiteConfig)
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in many types
+        raise InputError(f"{path}: cannot be parsed as YAML ({type(exc).__name__}), expected a site config.") from None
+    try:
+        cfg = OmegaConf.merge(schema, loaded)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise InputError(f"{path}: key '{key}' is not in the site schema or has the wrong type ({exc.msg if hasattr(exc, 'msg') else exc}).") from None
+    for item in overrides or []:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception as exc:
+            key = item.split("=", 1)[0]
+            raise InputError(
+                f"{path}: override key '{key}' is unknown or has the wrong type ({type(exc).__name__}), "
+                f"expected a site schema key like acquisition.acceleration=8."
+            ) from None
+    site: SiteConfig = OmegaConf.to_object(cfg)
+    if not site.name:
+        site.name = path.stem
+    site.acquisition.matrix = [int(s) for s in site.acquisition.matrix]
+    _validate(site, path)
+    return site
+
+
+def subject_seed(seed: int, stream: int, index: int) -> np.random.SeedSequence:
+    """Seed of one simulated subject.
+
+    Maths: ``SeedSequence(seed, spawn_key=(stream, index))``; ``stream`` is :data:`EVAL_STREAM`
+    or :data:`TRAIN_STREAM`, so training and evaluation subjects never share a seed.
+
+    Shape: none.
+    """
+    return np.random.SeedSequence(int(seed), spawn_key=(int(stream), int(index)))
+
+
+def _acquisition_label(site: SiteConfig) -> str:
+    prefix = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}[site.anatomy.orientation]
+    contrast = "EPI" if site.anatomy.source == "epi" else site.anatomy.contrast.upper()
+    return f"{prefix}{contrast}"
+
+
+def _require_simulated(site: SiteConfig) -> None:
+    if site.data.source != "simulated":
+        raise InputError(
+            f"site {site.name}: key 'data.source' is {site.data.source!r}, expected 'simulated' (fastMRI sites read data.root)."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Volume:
+    images: np.ndarray  # (S, H, W) complex128 noiseless images
+    clean: torch.Tensor  # (S, C, H, W) complex64 noiseless k-space
+    scales: np.ndarray  # (S,) normalisation scales of the noiseless k-space
+
+
+def _simulate_subject(site: SiteConfig, seq: np.random.SeedSequence, fractions: np.ndarray | None, count: int,
+                      maps: torch.Tensor) -> tuple[_Volume, np.random.Generator]:
+    """Noiseless complex images and coil k-space of one subject; returns the noise generator too."""
+    warp_seq, phase_seq, slice_seq, noise_seq = seq.spawn(4)
+    a = site.anatomy
+    anatomy = load_anatomy(a.source, a.path)
+    subject = random_subject(np.random.default_rng(warp_seq), anatomy, a.deformation_mm, a.bias_field)
+    if fractions is None:  # training subjects: random positions within the slice range
+        fractions = np.random.default_rng(slice_seq).uniform(0.0, 1.0, size=count)
+    matrix = tuple(site.acquisition.matrix)
+    offsets = slice_offsets_mm(anatomy, a.orientation, fractions)
+    phase_rng = np.random.default_rng(phase_seq)
+    images = np.stack([
+        render_slice(anatomy, subject, a.contrast, a.orientation, float(off), matrix)
+        * np.exp(1j * background_phase(phase_rng, matrix, a.background_phase))
+        for off in offsets
+    ])
+    x = torch.from_numpy(images.astype(np.complex64))
+    clean = fft2c(maps.unsqueeze(0) * x.unsqueeze(1))
+    scales = np.array([normalization_scale(k, None, source=f"site {site.name}") for k in clean])
+    return _Volume(images, clean, scales), np.random.default_rng(noise_seq)
+
+
+def _eval_fractions(count: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, count) if count > 1 else np.array([0.5])
+
+
+def _site_maps(site: SiteConfig) -> torch.Tensor:
+    c = site.coils
+    return torch.from_numpy(birdcage_sens_maps(c.count, tuple(site.acquisition.matrix), c.radius, c.rotation_deg))
+
+
+def simulate_site(
+    site: SiteConfig,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    prospective: bool = False,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write a folder of fastMRI-format multi-coil volumes for a simulated site.
+
+    Maths: ``y_c = fft2c(S_c x) + n_c``, ``n ~ CN(0, σ_raw² Ψ)`` across coils; target
+    ``rss(ifft2c(y))``. With ``prospective=True`` the stored k-space is ``M ⊙ y`` (zeros where
+    not sampled, mask of :func:`~recon.data.slice_mask_seed` with ``acquisition.mask_seed``) and
+    no ``mask`` dataset, as a scanner's undersampled file.
+
+    Shape: each file ``kspace`` ``(slices_per_subject, coils, H, W)`` complex64.
+
+    Args:
+        site: A simulated site (:func:`load_site`).
+        out_dir: Output folder (created when needed).
+        seed: Base seed; the same seed gives byte-identical files.
+        prospective: Store undersampled k-space.
+        overwrite: Replace existing files of the same names.
+
+    Returns:
+        The written paths, one per subject (``{site.name}_{index:03d}.h5``).
+
+    Raises:
+        InputError: a fastMRI site, or existing output files without ``overwrite`` — checked
+            before anything is written.
+    """
+    _require_simulated(site)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: key 'out' is a file, expected an output folder.")
+    indices = [site.data.subject_seed_offset + i for i in range(site.data.num_subjects)]
+    paths = [out_dir / f"{site.name}_{i:03d}.h5" for i in indices]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"{existing[0]}: key 'out' already holds this file, expected a new folder or --overwrite.")
+    acq = site.acquisition
+    matrix = tuple(acq.matrix)
+    maps = _site_maps(site)
+    covariance = coil_noise_covariance(site.coils.count, site.coils.correlation)
+    fov = load_anatomy(site.anatomy.source, site.anatomy.path).fov_mm
+    spacing = fov / min(matrix)
+    header = ismrmrd_header(matrix, matrix, (matrix[0] * spacing, matrix[1] * spacing, 5.0))
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(site))
+    volumes = []  # simulate everything first: a failure leaves the folder untouched
+    for index, path in zip(indices, paths):
+        volume, noise_rng = _simulate_subject(
+            site, subject_seed(seed, EVAL_STREAM, index), _eval_fractions(site.data.slices_per_subject),
+            site.data.slices_per_subject, maps,
+        )
+        sigma_raw = float(site.noise.sigma * np.median(volume.scales))
+        noise = torch.from_numpy(complex_noise(noise_rng, tuple(volume.clean.shape), sigma_raw, covariance))
+        kspace = volume.clean + noise
+        target = rss(ifft2c(kspace), dim=1).numpy()
+        if prospective:
+            masks = torch.stack([
+                make_mask(acq.mask_type, matrix, acq.acceleration, acq.center_fraction,
+                          slice_mask_seed(acq.mask_seed, path.name, s))[0]
+                for s in range(kspace.shape[0])
+            ])
+            kspace = kspace * masks.unsqueeze(1)
+        attrs = {
+            "acquisition": _acquisition_label(site),
+            "max": float(target.max()),
+            "norm": float(np.linalg.norm(target)),
+            "noise_sigma": sigma_raw,
+            "site": site.name,
+            "seed": int(seed),
+            "subject": int(index),
+            "site_config": config_yaml,
+        }
+        volumes.append((path, kspace.numpy(), target, attrs))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stacked_maps = maps.numpy()[None]
+    return [
+        write_kspace_volume(
+            path, kspace, target=target, sens_maps=np.broadcast_to(stacked_maps, kspace.shape), header=header, attrs=attrs
+        )
+        for path, kspace, target, attrs in volumes
+    ]
+
+
+def site_dataset(site: SiteConfig, workdir: str | os.PathLike | None = None, seed: int = 0) -> FastMRISliceDataset:
+    """The Samples of a site: its fastMRI folder, or its simulated folder (simulated on first use).
+
+    Maths: the site's mask (``acquisition``) applied retrospectively to fully sampled slices.
+
+    Shape: items are :class:`~recon.data.Sample` with ``kspace`` ``(C, H, W)``.
+
+    Args:
+        site: A loaded site.
+        workdir: For simulated sites, the folder under which ``{name}-seed{seed}`` is kept; files
+            whose stored ``site_config`` differs from ``site`` are simulated again.
+        seed: Simulation seed.
+
+    Raises:
+        InputError: a simulated site without ``workdir``, or any reader error.
+    """
+    acq = site.acquisition
+    kwargs = dict(mask_type=acq.mask_type, acceleration=acq.acceleration, center_fraction=acq.center_fraction,
+                  mask_seed=acq.mask_seed)
+    if site.data.source == "fastmri":
+        return FastMRISliceDataset(os.path.expanduser(site.data.root), **kwargs)
+    if workdir is None:
+        raise InputError(f"site {site.name}: key 'workdir' is missing, expected a folder for the simulated files.")
+    folder = Path(workdir) / f"{site.name}-seed{seed}"
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(site))
+    expected = [folder / f"{site.name}_{site.data.subject_seed_offset + i:03d}.h5" for i in range(site.data.num_subjects)]
+
+    def current(p: Path) -> bool:
+        if not p.is_file():
+            return False
+        with h5py.File(p, "r") as hf:
+            return hf.attrs.get("site_config") == config_yaml and int(hf.attrs.get("seed", -1)) == seed
+    if not all(current(p) for p in expected):
+        simulate_site(site, folder, seed, overwrite=True)
+    return FastMRISliceDataset(expected, **kwargs)
+
+
+def training_images(site: SiteConfig, num_slices: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Noiseless complex training images of a simulated site, each normalised like a Sample.
+
+    Maths: ``x_i / scale_i``, ``scale_i = normalization_scale(fft2c(S x_i), ones)`` with the
+    site's coil maps; ``x_i`` includes warp, bias field and background phase. Training subject
+    ``j`` (:data:`TRAIN_STREAM`) gives :data:`TRAINING_SLICES_PER_SUBJECT` slices at random
+    positions of the site's slice range.
+
+    Shape: returns ``(N, 1, H, W)`` complex64, ``N = num_slices`` (default 256).
+
+    Raises:
+        InputError: a fastMRI site or ``num_slices < 1``.
+    """
+    _require_simulated(site)
+    total = DEFAULT_TRAINING_SLICES if num_slices is None else int(num_slices)
+    if total < 1:
+        raise InputError(f"site {site.name}: key 'num_slices' must be a positive integer, got {num_slices}.")
+    maps = _site_maps(site)
+    out = []
+    done, subject = 0, 0
+    while done < total:
+        count = min(TRAINING_SLICES_PER_SUBJECT, total - done)
+        volume, _ = _simulate_subject(site, subject_seed(seed, TRAIN_STREAM, subject), None, count, maps)
+        out.append(volume.images / volume.scales[:, None, None])
+        done += count
+        subject += 1
+    return torch.from_numpy(np.concatenate(out).astype(np.complex64)).unsqueeze(1)
