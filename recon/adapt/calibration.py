@@ -1,0 +1,588 @@
+"""Frequency-guided prior calibration: a handful of band gains on a network's feature maps.
+
+For each selected layer ``l`` with output feature map ``h`` (``N × C × H × W``, real) and ``B``
+smooth radial frequency bands ``W_b`` on that map's own grid (``Σ_b W_b = 1``), a forward hook
+replaces the layer's output by::
+
+    h ← h + Σ_b γ[l, b] · Re(IFFT2(W_b ⊙ FFT2(h)))  =  h + Re(IFFT2((Σ_b γ[l, b] W_b) ⊙ FFT2(h)))
+
+``γ`` (shape ``(L, B)``, ``L · B < 100``) starts at zero; then the correction is exactly ``0`` and
+``h + 0 == h`` in IEEE arithmetic, so the calibrated network is the pre-trained one, bit for bit,
+while autograd still reaches ``γ``. The hooks work on any ``nn.Module`` (our ``ScoreModel``,
+``fastmri.models.Unet`` / ``VarNet``, …) and are removed by :meth:`FrequencyCalibration.detach`,
+which leaves the module exactly as it was (its weights are never touched).
+
+A fitted ``γ`` is saved as a *site profile*: a JSON file of a few hundred bytes naming the site and
+the prior it belongs to (:func:`save_profile`, :func:`load_profile`, :func:`apply_profile`).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from recon.errors import InputError
+
+__all__ = [
+    "MAX_VARIABLES",
+    "R_MAX",
+    "PROFILE_FORMAT",
+    "FrequencyCalibration",
+    "SiteProfile",
+    "radial_bands",
+    "default_band_edges",
+    "candidate_layers",
+    "save_profile",
+    "load_profile",
+    "apply_profile",
+]
+
+MAX_VARIABLES: int = 99
+"""Largest number ``L · B`` of calibration variables (the method keeps it below 100)."""
+
+R_MAX: float = math.sqrt(2.0)
+"""Largest normalised radial frequency ``r = 2 sqrt(fx² + fy²)`` (a corner of the grid)."""
+
+PROFILE_FORMAT: str = "biasrecon.site_profile"
+_PROFILE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# frequency bands
+# --------------------------------------------------------------------------------------------
+
+
+def default_band_edges(bands: int) -> tuple[float, ...]:
+    """Band boundaries evenly spaced in the normalised radius.
+
+    Maths: ``e_i = i · √2 / B`` for ``i = 1 … B − 1``.
+    Shape: returns ``B − 1`` floats in ``(0, √2)``.
+    """
+    return tuple(i * R_MAX / bands for i in range(1, bands))
+
+
+def _check_band_edges(bands: int, band_edges: Sequence[float] | None) -> tuple[float, ...]:
+    if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or bands < 1:
+        raise InputError(f"calibration: bands must be a positive integer, got {bands!r}.")
+    if band_edges is None:
+        return default_band_edges(int(bands))
+    try:
+        edges = tuple(float(e) for e in band_edges)
+    except (TypeError, ValueError):
+        raise InputError(f"calibration: band_edges must be a sequence of numbers, got {band_edges!r}.") from None
+    if len(edges) != bands - 1:
+        raise InputError(
+            f"calibration: band_edges must hold bands - 1 = {bands - 1} boundaries, got {len(edges)}."
+        )
+    bounds = (0.0,) + edges + (R_MAX,)
+    if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise InputError(
+            f"calibration: band_edges must increase strictly inside (0, {R_MAX:.4f}), got {list(edges)}."
+        )
+    return edges
+
+
+@functools.lru_cache(maxsize=64)
+def _radial_bands_cached(
+    height: int, width: int, edges: tuple[float, ...], device: str, dtype: torch.dtype
+) -> torch.Tensor:
+    fy = torch.fft.fftfreq(height, dtype=torch.float64)
+    fx = torch.fft.fftfreq(width, dtype=torch.float64)
+    r = 2.0 * torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    bounds = (0.0,) + edges + (R_MAX,)
+    # rising raised-cosine steps s_i (0 below e_i - w_i, 1 above e_i + w_i), i = 1 … B-1;
+    # each transition takes at most half of each neighbouring gap, so they never overlap
+    steps = []
+    for i in range(1, len(bounds) - 1):
+        half = 0.5 * min(bounds[i] - bounds[i - 1], bounds[i + 1] - bounds[i])
+        t = ((r - (bounds[i] - half)) / (2.0 * half)).clamp(0.0, 1.0)
+        steps.append(0.5 - 0.5 * torch.cos(math.pi * t))
+    ones = torch.ones_like(r)
+    lower = [ones] + steps  # s_0 = 1
+    upper = steps + [torch.zeros_like(r)]  # s_B = 0
+    bands = torch.stack([lo - up for lo, up in zip(lower, upper)])  # telescopes to 1
+    return bands.to(device=device, dtype=dtype)
+
+
+def radial_bands(
+    height: int,
+    width: int,
+    bands: int = 3,
+    band_edges: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Smooth radial partition of unity on an ``H × W`` FFT grid (unshifted order).
+
+    Maths: ``r = 2 √(fx² + fy²)`` with ``fx, fy`` from ``torch.fft.fftfreq`` (``r ∈ [0, √2]``);
+    ``W_b = s_b(r) − s_{b+1}(r)`` with ``s_0 = 1``, ``s_B = 0`` and ``s_i`` a raised-cosine step
+    centred on edge ``e_i`` — so ``Σ_b W_b = 1``, ``0 ≤ W_b ≤ 1``, ``W_b = ½`` at ``r = e_b``.
+    Shape: returns ``(B, H, W)`` real ``dtype`` (cached per size, edges, device and dtype; do
+    not modify it in place).
+
+    Args:
+        height: Rows ``H`` of the feature map.
+        width: Columns ``W`` of the feature map.
+        bands: Number of bands ``B``.
+        band_edges: ``B − 1`` increasing boundaries in ``(0, √2)``; evenly spaced by default.
+        device: Device of the returned tensor.
+        dtype: Real dtype of the returned tensor.
+
+    Returns:
+        The band weights, lowest band first.
+    """
+    edges = _check_band_edges(bands, band_edges)
+    return _radial_bands_cached(int(height), int(width), edges, str(torch.device(device)), dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# layer selection
+# --------------------------------------------------------------------------------------------
+
+
+def _evenly_spaced(count: int, pick: int) -> list[int]:
+    if pick >= count:
+        return list(range(count))
+    if pick == 1:
+        return [count // 2]
+    return [round(i * (count - 1) / (pick - 1)) for i in range(pick)]
+
+
+def candidate_layers(module: nn.Module) -> list[str]:
+    """Names of the layers that ``layers="auto"`` chooses from, in forward order.
+
+    The module's ``blocks`` when it exposes them (modules or ``(name, module)`` pairs, e.g. the
+    residual blocks of the score U-Net), else every ``nn.Conv2d`` in ``named_modules`` order
+    except the very last one (the output convolution).
+    Shape: returns a list of dotted module names as in ``module.named_modules()``.
+
+    Raises:
+        InputError: no candidate layer, or a block that is not a submodule of ``module``.
+    """
+    named = list(module.named_modules())
+    blocks = getattr(module, "blocks", None)
+    if blocks is not None:
+        name_of = {id(m): n for n, m in named}
+        by_name = dict(named)
+        names: list[str] = []
+        for entry in blocks:
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
+                name, block = entry
+                ok = by_name.get(name) is block
+            else:
+                block, name = entry, name_of.get(id(entry))
+                ok = name is not None
+            if not ok or not isinstance(block, nn.Module):
+                raise InputError(
+                    f"calibration: {type(module).__name__}.blocks holds an entry that is not one of its "
+                    f"submodules ({name!r}); expected submodules or (name, submodule) pairs."
+                )
+            names.append(name)
+    else:
+        names = [n for n, m in named if isinstance(m, nn.Conv2d)][:-1]
+    if not names:
+        raise InputError(
+            f"calibration: {type(module).__name__} has no candidate layer for layers='auto' (no blocks and "
+            f"fewer than two nn.Conv2d); expected a list of layer names."
+        )
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# the calibration
+# --------------------------------------------------------------------------------------------
+
+
+class FrequencyCalibration(nn.Module):
+    """Layer-wise frequency-band gains ``γ`` attached to a network through forward hooks.
+
+    Maths: output ``h`` of layer ``l`` ← ``h + Re(IFFT2((Σ_b γ[l, b] W_b) ⊙ FFT2(h)))`` with the
+    bands of :func:`radial_bands` on ``h``'s own ``H × W`` grid; exact identity at ``γ = 0``
+    (for finite feature maps: ``0 · finite = 0``; an Inf/NaN feature would spread through the FFT).
+    Shape: ``gamma`` ``(L, B)`` float32 (an ``nn.Parameter``, zeros); hooked layers must output
+    real ``(N, C, H, W)`` tensors (any ``H, W``, even different sizes on different calls).
+
+    The wrapped module is held by reference, not registered: ``parameters()`` and
+    ``state_dict()`` hold ``gamma`` only, and ``.to()`` moves only ``gamma``. The module's
+    weights, training mode and ``requires_grad`` flags are never changed; freeze it yourself
+    (``requires_grad_(False)``) so that gradients reach ``γ`` only.
+
+    Args:
+        module: Any ``nn.Module``.
+        layers: ``"auto"`` (``num_layers`` evenly spaced among :func:`candidate_layers`) or a
+            list of module names from ``module.named_modules()``.
+        num_layers: How many layers ``"auto"`` picks (fewer when there are fewer candidates).
+        bands: Number of radial bands ``B``.
+        band_edges: ``B − 1`` band boundaries in ``(0, √2)``; evenly spaced by default.
+
+    Raises:
+        InputError: unknown or repeated layer names, no candidate layer, bad bands, or
+            ``L · B > 99``.
+
+    Example::
+
+        calib = FrequencyCalibration(model).attach()
+        opt = torch.optim.Adam(calib.parameters(), lr=1e-2)
+        ...
+        calib.detach()
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: str | Sequence[str] = "auto",
+        num_layers: int = 24,
+        bands: int = 3,
+        band_edges: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise InputError(f"calibration: module must be a torch.nn.Module, got {type(module).__name__}.")
+        self.band_edges: tuple[float, ...] = _check_band_edges(bands, band_edges)
+        self.bands = int(bands)
+        by_name = dict(module.named_modules())
+        if isinstance(layers, str):
+            if layers != "auto":
+                raise InputError(f"calibration: layers must be 'auto' or a list of layer names, got {layers!r}.")
+            if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+                raise InputError(f"calibration: num_layers must be a positive integer, got {num_layers!r}.")
+            candidates = candidate_layers(module)
+            names = [candidates[i] for i in _evenly_spaced(len(candidates), int(num_layers))]
+        else:
+            names = list(layers)
+            if not names:
+                raise InputError("calibration: layers is an empty list; expected at least one layer name.")
+            for name in names:
+                if not isinstance(name, str) or name not in by_name or name == "":
+                    raise InputError(
+                        f"calibration: layer {name!r} is not a submodule of {type(module).__name__}; expected "
+                        f"a name from module.named_modules()."
+                    )
+            if len(set(names)) != len(names):
+                raise InputError(f"calibration: layers lists a layer more than once: {names}.")
+        if len(names) * self.bands > MAX_VARIABLES:
+            raise InputError(
+                f"calibration: {len(names)} layers x {self.bands} bands = {len(names) * self.bands} variables, "
+                f"expected at most {MAX_VARIABLES}; choose fewer layers or bands."
+            )
+        self.__dict__["_module"] = module  # a reference, not a registered submodule
+        self.__dict__["_layers"] = [by_name[n] for n in names]
+        self.__dict__["_handles"] = []
+        self.layer_names: tuple[str, ...] = tuple(names)
+        self.gamma = nn.Parameter(torch.zeros(len(names), self.bands))
+        self._outer_attached = False
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module."""
+        return self.__dict__["_module"]
+
+    @property
+    def num_variables(self) -> int:
+        """``L · B``, the number of calibration variables."""
+        return self.gamma.numel()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are currently registered."""
+        return bool(self.__dict__["_handles"])
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layer_names)}, bands={self.bands}, attached={self.attached}"
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _hook(self, index: int, _layer: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4 or not output.is_floating_point():
+            got = (
+                f"a {output.dtype} tensor of shape {tuple(output.shape)}"
+                if isinstance(output, torch.Tensor)
+                else f"a {type(output).__name__}"
+            )
+            raise InputError(
+                f"calibration: layer {self.layer_names[index]!r} returned {got}, expected a real 4-D feature "
+                f"map (batch, channels, H, W); choose another layer."
+            )
+        work = torch.float64 if output.dtype == torch.float64 else torch.float32
+        height, width = output.shape[-2:]
+        bands = _radial_bands_cached(int(height), int(width), self.band_edges, str(output.device), work)
+        gain = torch.tensordot(self.gamma[index].to(device=output.device, dtype=work), bands, dims=1)  # (H, W)
+        spectrum = torch.fft.fft2(output.to(work))
+        correction = torch.fft.ifft2(spectrum * gain).real
+        return output + correction.to(output.dtype)  # γ = 0: correction ≡ 0, so output + 0 == output
+
+    def attach(self) -> "FrequencyCalibration":
+        """Register the forward hooks (no-op if attached). Returns ``self``."""
+        if not self.attached:
+            handles = self.__dict__["_handles"]
+            for index, layer in enumerate(self.__dict__["_layers"]):
+                handles.append(layer.register_forward_hook(functools.partial(self._hook, index)))
+        return self
+
+    def detach(self) -> "FrequencyCalibration":
+        """Remove the hooks (no-op if detached); the module is then exactly as before. Returns ``self``."""
+        handles: list[RemovableHandle] = self.__dict__["_handles"]
+        while handles:
+            handles.pop().remove()
+        return self
+
+    def __enter__(self) -> "FrequencyCalibration":
+        self._outer_attached = self.attached
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._outer_attached:
+            self.detach()
+
+    # -- values ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Set ``γ = 0`` (the pre-trained network)."""
+        self.gamma.zero_()
+
+    def state(self) -> dict[str, Any]:
+        """A copy of the calibration: ``{"layers": [...], "band_edges": [...], "gamma": (L, B) tensor}``."""
+        return {
+            "layers": list(self.layer_names),
+            "band_edges": list(self.band_edges),
+            "gamma": self.gamma.detach().cpu().clone(),
+        }
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, Any], source: str = "calibration state") -> None:
+        """Load a :meth:`state` taken from a calibration of the same layers and bands.
+
+        Raises:
+            InputError: naming ``source`` and the key (``layers``, ``band_edges``, ``gamma``) that differs.
+        """
+        for key in ("layers", "band_edges", "gamma"):
+            if key not in state:
+                raise InputError(f"{source}: missing key {key!r}.")
+        if list(state["layers"]) != list(self.layer_names):
+            raise InputError(
+                f"{source}: key 'layers' names {list(state['layers'])}, expected this calibration's layers "
+                f"{list(self.layer_names)}."
+            )
+        if [float(e) for e in state["band_edges"]] != list(self.band_edges):
+            raise InputError(
+                f"{source}: key 'band_edges' is {list(state['band_edges'])}, expected {list(self.band_edges)}."
+            )
+        self._load_gamma(torch.as_tensor(state["gamma"]), source)
+
+    def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
+        if tuple(gamma.shape) != tuple(self.gamma.shape) or not bool(torch.isfinite(gamma).all()):
+            raise InputError(
+                f"{source}: key 'gamma' has shape {tuple(gamma.shape)}, expected finite values of shape "
+                f"{tuple(self.gamma.shape)}."
+            )
+        with torch.no_grad():
+            self.gamma.copy_(gamma.to(self.gamma.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# site profiles
+# --------------------------------------------------------------------------------------------
+
+
+def _layers_digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """A saved calibration of one site for one prior.
+
+    Attributes:
+        site: The site's name.
+        prior: The prior it belongs to (a checkpoint name or sha256).
+        num_layers: ``L``.
+        layers_sha256: First 16 hex digits of the sha256 of the newline-joined layer names.
+        band_edges: The ``B − 1`` band boundaries.
+        gamma: ``(L, B)`` float32 tensor.
+        extra: Free JSON metadata (e.g. the held-out loss reached).
+        source: The file it was read from.
+    """
+
+    site: str
+    prior: str
+    num_layers: int
+    layers_sha256: str
+    band_edges: tuple[float, ...]
+    gamma: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_profile(
+    path: str | os.PathLike[str],
+    calibration: FrequencyCalibration,
+    site: str,
+    prior: str,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``calibration``'s ``γ`` as a site profile (JSON, a few hundred bytes), atomically.
+
+    The layer names are stored as their count and a sha256 digest; ``γ`` as little-endian
+    float32 in base64 (exact round trip).
+    Shape: ``γ`` ``(L, B)``.
+
+    Args:
+        path: Output file (the folder must exist); written through a temp file and ``os.replace``.
+        calibration: The fitted calibration.
+        site: Name of the site.
+        prior: The prior the calibration belongs to (checkpoint name or sha256).
+        extra: JSON-serialisable metadata.
+        overwrite: If False, an existing ``path`` is an error.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: empty ``site``/``prior``, unserialisable ``extra``, missing folder, or an
+            existing file with ``overwrite=False``.
+    """
+    path = Path(path)
+    for key, value in (("site", site), ("prior", prior)):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{path}: profile key {key!r} must be a non-empty string, got {value!r}.")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: the folder {path.parent} does not exist; expected an existing folder.")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: the file exists; expected a new path or overwrite=True.")
+    gamma = calibration.gamma.detach().cpu().to(torch.float32).numpy().astype("<f4")
+    record = {
+        "format": PROFILE_FORMAT,
+        "version": _PROFILE_VERSION,
+        "site": site,
+        "prior": prior,
+        "layers": {"count": len(calibration.layer_names), "sha256": _layers_digest(calibration.layer_names)},
+        "band_edges": list(calibration.band_edges),
+        "gamma": {"shape": list(gamma.shape), "float32_base64": base64.b64encode(gamma.tobytes()).decode("ascii")},
+        "extra": dict(extra or {}),
+    }
+    try:
+        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path}: profile key 'extra' must be JSON-serialisable ({err}).") from None
+    _write_atomic(path, text + "\n")
+    return path
+
+
+def load_profile(path: str | os.PathLike[str]) -> SiteProfile:
+    """Read a site profile written by :func:`save_profile`.
+
+    Shape: the profile's ``gamma`` is ``(L, B)`` float32.
+
+    Raises:
+        InputError: missing or unreadable file, not a profile, or a missing / malformed key —
+            naming the file and the key.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: profile file does not exist; expected a JSON site profile.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot be read as JSON ({err}); expected a site profile.") from None
+    if not isinstance(record, dict) or record.get("format") != PROFILE_FORMAT:
+        raise InputError(f"{path}: key 'format' is not {PROFILE_FORMAT!r}; expected a site profile.")
+    if record.get("version") != _PROFILE_VERSION:
+        raise InputError(f"{path}: key 'version' is {record.get('version')!r}, expected {_PROFILE_VERSION}.")
+
+    def need(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = record.get(key)
+        if not isinstance(value, kind):
+            raise InputError(f"{path}: key {key!r} is missing or malformed (got {value!r}).")
+        return value
+
+    site, prior = need("site", str), need("prior", str)
+    layers, gamma_rec = need("layers", dict), need("gamma", dict)
+    edges, extra = need("band_edges", list), record.get("extra", {})
+    try:
+        count, digest = int(layers["count"]), str(layers["sha256"])
+        shape = tuple(int(s) for s in gamma_rec["shape"])
+        raw = base64.b64decode(gamma_rec["float32_base64"], validate=True)
+        edges_t = tuple(float(e) for e in edges)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: key 'layers', 'gamma' or 'band_edges' is malformed ({err}).") from None
+    if len(shape) != 2 or shape[0] != count or shape[1] != len(edges_t) + 1 or len(raw) != 4 * shape[0] * shape[1]:
+        raise InputError(
+            f"{path}: key 'gamma' holds {len(raw) // 4} values of shape {list(shape)}, expected "
+            f"(layers.count, len(band_edges) + 1) = ({count}, {len(edges_t) + 1})."
+        )
+    gamma = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))
+    if not bool(torch.isfinite(gamma).all()):
+        raise InputError(f"{path}: key 'gamma' holds non-finite values.")
+    if not isinstance(extra, dict):
+        raise InputError(f"{path}: key 'extra' must be a JSON object, got {type(extra).__name__}.")
+    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path))
+
+
+def apply_profile(
+    profile: SiteProfile | str | os.PathLike[str],
+    calibration: FrequencyCalibration,
+    prior: str | None = None,
+) -> SiteProfile:
+    """Load a site profile's ``γ`` into ``calibration`` after checking that it fits.
+
+    Args:
+        profile: A :class:`SiteProfile` or the path of one.
+        calibration: A calibration of the same layers and bands.
+        prior: If given, the profile's ``prior`` must equal it.
+
+    Returns:
+        The profile applied.
+
+    Raises:
+        InputError: naming the file and the key (``prior``, ``layers``, ``band_edges``,
+            ``gamma``) that does not match.
+    """
+    if not isinstance(profile, SiteProfile):
+        profile = load_profile(profile)
+    src = profile.source or "site profile"
+    if prior is not None and profile.prior != prior:
+        raise InputError(f"{src}: key 'prior' is {profile.prior!r}, expected {prior!r}.")
+    names = calibration.layer_names
+    if profile.num_layers != len(names) or profile.layers_sha256 != _layers_digest(names):
+        raise InputError(
+            f"{src}: key 'layers' describes {profile.num_layers} layers (sha256 {profile.layers_sha256}), expected "
+            f"this calibration's {len(names)} layers (sha256 {_layers_digest(names)})."
+        )
+    if tuple(profile.band_edges) != tuple(calibration.band_edges):
+        raise InputError(
+            f"{src}: key 'band_edges' is {list(profile.band_edges)}, expected {list(calibration.band_edges)}."
+        )
+    calibration._load_gamma(profile.gamma, src)
+    return profile

@@ -1,0 +1,192 @@
+"""Self-supervised k-space loss: split the sampled set into Θ (data consistency) and Λ (held out).
+
+The sampled set ``Ω`` (mask ``M``) is split at random into ``Θ`` — used for data consistency —
+and ``Λ`` — held out to score the calibrated prior. The auto-calibration (ACS) region always stays
+in ``Θ``; a fresh split is drawn at every step from an explicit generator. The loss on ``γ`` is::
+
+    L(γ) = ‖M_Λ (F S x̂_γ) − y_Λ‖² / ‖y_Λ‖²
+
+where ``x̂_γ`` is the calibrated denoiser's estimate made consistent with ``y_Θ`` (e.g.
+``recon.dc.prox(theta_operator(op, split.theta), y, x̂, λ)``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from recon.errors import InputError
+from recon.masks import center_box
+from recon.operators import Sense, SingleCoil
+
+__all__ = ["KSpaceSplit", "split_mask", "acs_mask", "theta_operator", "heldout_loss"]
+
+
+class KSpaceSplit(NamedTuple):
+    """A split of the sampled k-space ``Ω = Θ ∪ Λ``, ``Θ ∩ Λ = ∅``.
+
+    Attributes:
+        theta: ``(H, W)`` 0/1 mask of the entries kept for data consistency (ACS included).
+        lam: ``(H, W)`` 0/1 mask of the held-out entries.
+    """
+
+    theta: torch.Tensor
+    lam: torch.Tensor
+
+
+def _is_row_constant(mask: torch.Tensor) -> bool:
+    return bool(torch.equal(mask, mask[:1].expand_as(mask)))
+
+
+def _central_columns(height: int, width: int, fraction: float) -> torch.Tensor:
+    """The ``round(W · fraction)`` central columns, all rows (fastMRI's centre placement)."""
+    num = round(width * fraction)
+    pad = (width - num + 1) // 2
+    box = torch.zeros(height, width, dtype=torch.float32)
+    box[:, pad : pad + num] = 1
+    return box
+
+
+def acs_mask(shape: tuple[int, int], acs: float, columns: bool) -> torch.Tensor:
+    """The auto-calibration region as a 0/1 mask.
+
+    Maths: central ``round(W · acs)`` columns (all rows) when ``columns``; else the central box
+    of :func:`recon.masks.center_box` (side ``acs`` of each dimension).
+    Shape: returns ``(H, W)`` float32.
+    """
+    if isinstance(acs, bool) or not isinstance(acs, (int, float)) or not 0 <= acs <= 1:
+        raise InputError(f"split_mask: acs must be a fraction in [0, 1] or an (H, W) mask, got {acs!r}.")
+    height, width = shape
+    return _central_columns(height, width, float(acs)) if columns else center_box((height, width), float(acs))
+
+
+def split_mask(
+    mask: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    ratio: float = 0.4,
+    acs: float | torch.Tensor = 0.08,
+    columns: bool | None = None,
+) -> KSpaceSplit:
+    """Random split of the sampled entries into Θ (kept) and Λ (held out), ACS kept in Θ.
+
+    Maths: of the ``n`` sampled entries (columns, for row-constant masks) that do not touch the
+    ACS region, ``clip(round(ratio · n), 1, n')`` chosen uniformly at random (``torch.randperm``
+    with ``generator``) form ``Λ``; ``Θ = Ω \\ Λ``. ``n' = n`` if ``Θ`` keeps some ACS entry, else
+    ``n − 1``, so neither part is empty. ``Θ + Λ = M``.
+    Shape: ``mask`` ``(H, W)`` of 0/1 (float or bool); returns two ``(H, W)`` masks of
+    ``mask``'s float dtype (float32 for bool) on its device.
+
+    Args:
+        mask: The sampling mask ``M``.
+        generator: Source of randomness; the same generator state gives the same split, and
+            successive calls give fresh splits.
+        ratio: Fraction of the sampled non-ACS entries moved to ``Λ``, in ``(0, 1)``.
+        acs: ACS region kept in ``Θ``: a fraction (central columns for column masks, the central
+            box of :func:`recon.masks.center_box` otherwise) or an ``(H, W)`` 0/1 mask.
+        columns: Split whole columns, so that both parts stay row-constant; default: when
+            ``mask`` is constant along ``H`` (1-D Cartesian undersampling).
+
+    Returns:
+        The :class:`KSpaceSplit` ``(theta, lam)``.
+
+    Raises:
+        InputError: malformed mask / acs / ratio, ``columns=True`` on a mask that varies along
+            ``H``, or too few sampled entries outside the ACS region to hold any out.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_complex():
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"split_mask: mask must be a real (H, W) tensor of 0/1, got {got}.")
+    if not isinstance(generator, torch.Generator):
+        raise InputError(f"split_mask: generator must be a torch.Generator, got {type(generator).__name__}.")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise InputError(f"split_mask: ratio must be a number in (0, 1), got {ratio!r}.")
+    dtype = mask.dtype if mask.is_floating_point() else torch.float32
+    sampled = mask != 0
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("split_mask: mask must hold only 0 and 1 values.")
+    row_constant = _is_row_constant(sampled)
+    if columns is None:
+        columns = row_constant
+    elif columns and not row_constant:
+        raise InputError("split_mask: columns=True needs a mask that is constant along H (1-D Cartesian).")
+    shape = (mask.shape[0], mask.shape[1])
+    if isinstance(acs, torch.Tensor):
+        if tuple(acs.shape) != shape or acs.is_complex():
+            raise InputError(f"split_mask: acs mask must be a real tensor of shape {shape}, got {tuple(acs.shape)}.")
+        acs_region = acs.to(mask.device) != 0
+    else:
+        acs_region = acs_mask(shape, acs, bool(columns)).to(mask.device) != 0
+    acs_kept = sampled & acs_region
+
+    if columns:
+        units = sampled[0] & ~acs_region.any(dim=0)  # sampled columns free of ACS entries, (W,)
+    else:
+        units = (sampled & ~acs_region).flatten()
+    candidates = torch.nonzero(units).flatten()
+    n = int(candidates.numel())
+    most = n if bool(acs_kept.any()) else n - 1
+    if most < 1:
+        raise InputError(
+            f"split_mask: the mask has {n} sampled {'columns' if columns else 'entries'} outside the ACS region, "
+            f"expected enough to hold some out (lower acs or sample more)."
+        )
+    count = min(max(1, round(ratio * n)), most)
+    order = torch.randperm(n, generator=generator, device=generator.device).to(candidates.device)
+    held = torch.zeros_like(units)
+    held[candidates[order[:count]]] = True
+    lam = held.expand(shape) if columns else held.view(shape)
+    lam_f = lam.to(dtype).contiguous()
+    theta_f = (sampled & ~lam).to(dtype)
+    return KSpaceSplit(theta=theta_f, lam=lam_f)
+
+
+def theta_operator(op: Sense, theta: torch.Tensor) -> Sense:
+    """The same operator restricted to ``Θ``: same maps, mask ``Θ`` (operators are immutable).
+
+    Maths: ``A_Θ = M_Θ F S``.
+    Shape: ``theta`` broadcastable to the operator's k-space ``(B, C, H, W)``.
+    """
+    if isinstance(op, SingleCoil):
+        return SingleCoil(theta, op.shape, dtype=op.sens_maps.dtype, device=op.sens_maps.device)
+    if isinstance(op, Sense):
+        return Sense(op.sens_maps, theta, fused=op.fused)
+    raise InputError(f"theta_operator: expected a Sense or SingleCoil operator, got {type(op).__name__}.")
+
+
+def heldout_loss(op: Sense, y: torch.Tensor, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Normalised held-out k-space error, averaged over the batch; differentiable in ``x``.
+
+    Maths: ``mean_i ‖M_Λ (F S x_i) − M_Λ y_i‖² / ‖M_Λ y_i‖²`` (``Λ ⊆ Ω``, binary masks, so
+    ``M_Λ M_Ω = M_Λ``); invariant to a common scale of ``x`` and ``y``.
+    Shape: ``y`` ``(B, C, H, W)`` complex; ``x`` ``(B, 1, H, W)`` complex; ``lam`` broadcastable
+    to ``y`` (typically ``(H, W)``); returns a real scalar.
+
+    Args:
+        op: The full operator ``A = M_Ω F S`` (:class:`Sense` or :class:`SingleCoil`).
+        y: Measured k-space.
+        x: Image estimate (consistent with ``y_Θ`` only).
+        lam: The held-out mask ``M_Λ``.
+
+    Raises:
+        InputError: shapes that do not fit, or a batch item with no energy on ``Λ``.
+    """
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(op.shape):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise InputError(f"heldout_loss: y must have the operator's k-space shape {tuple(op.shape)}, got {got}.")
+    try:
+        torch.broadcast_shapes(lam.shape, y.shape)
+    except RuntimeError:
+        raise InputError(
+            f"heldout_loss: lam mask of shape {tuple(lam.shape)} does not broadcast to k-space {tuple(y.shape)}."
+        ) from None
+    lam = lam.to(device=y.device, dtype=y.real.dtype)
+    y_held = lam * y
+    residual = lam * op.A(x) - y_held
+    dims = tuple(range(1, y.dim()))
+    energy = (y_held.real.square() + y_held.imag.square()).sum(dim=dims)
+    if bool((energy == 0).any()):
+        raise InputError("heldout_loss: y has no energy on the held-out set Λ for some batch item; expected Λ ⊆ Ω.")
+    error = (residual.real.square() + residual.imag.square()).sum(dim=dims)
+    return (error / energy).mean()
