@@ -1,0 +1,130 @@
+"""Train the score-based prior on a site's training images (denoising score matching).
+
+    python scripts/train_score.py --config configs/prior/source_brain.yaml --out runs/prior [train.steps=2000 ...]
+    torchrun --nproc_per_node=N scripts/train_score.py --config ... --out ...     # data-parallel (DDP)
+
+Images come from the site simulator (``recon.data.sites.training_images`` with ``data.site``,
+``data.num_slices`` and ``data.seed``), already normalised as the prior expects, or from
+``--images FILE.npy``: a complex array ``(N, H, W)`` or ``(N, 1, H, W)`` normalised the same way.
+Writes into ``--out``: ``checkpoint.safetensors`` (EMA weights + metadata: config, step, data hash,
+git commit), ``training_state.safetensors`` (resume), sample grids, ``loss.csv``, ``loss_curve.png``
+and ``config.yaml``. Re-running with the same ``--out`` resumes from the saved step.
+``--time-limit SECONDS`` stops training cleanly (and saves) once that much wall time has passed.
+Bad input prints ``error: <message>`` and exits with status 2, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recon.errors import InputError  # noqa: E402
+from scores.checkpoints import CheckpointError  # noqa: E402
+from scores.config import ConfigError, PriorConfig, load_prior_config  # noqa: E402
+from scores.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """Commit of the repository holding this script ("unknown" outside git), "-dirty" if files changed."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True,
+            timeout=10, check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_images_file(path: Path) -> torch.Tensor:
+    """Complex64 ``(N, 1, H, W)`` images from a ``.npy`` file (never unpickled)."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found, expected a .npy array of complex training images.")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(
+            f"{path}: cannot be read as a .npy array ({type(exc).__name__}), expected complex images."
+        ) from None
+    if not np.iscomplexobj(array) or array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[1] != 1):
+        raise InputError(
+            f"{path}: array of dtype {array.dtype} and shape {array.shape}, expected complex (N, H, W) or (N, 1, H, W)."
+        )
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{path}: array holds NaN or infinite values, expected finite complex images.")
+    images = torch.from_numpy(np.ascontiguousarray(array.astype(np.complex64)))
+    return images[:, None] if images.ndim == 3 else images
+
+
+def site_images(cfg: PriorConfig) -> torch.Tensor:
+    """Training images of ``cfg.data.site`` from the site simulator."""
+    from recon.data.sites import load_site, training_images
+
+    return training_images(load_site(cfg.data.site), num_slices=cfg.data.num_slices, seed=cfg.data.seed)
+
+
+def write_config(path: Path, cfg: PriorConfig) -> None:
+    """The resolved config as YAML, atomically."""
+    from omegaconf import OmegaConf
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="prior config YAML (configs/prior/*.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (resumed if it holds a state)")
+    parser.add_argument(
+        "--images", type=Path, default=None, help="train on a .npy of complex images instead of data.site"
+    )
+    parser.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a state")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=2000")
+    args = parser.parse_intermixed_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick the fastest convolutions
+    try:
+        cfg = load_prior_config(args.config, args.overrides)
+        if args.time_limit is not None and args.time_limit <= 0:
+            raise InputError(
+                f"command line: key '--time-limit' is {args.time_limit}, expected a positive number of seconds."
+            )
+        images = load_images_file(args.images) if args.images is not None else site_images(cfg)
+        remaining = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
+        source = str(args.images) if args.images is not None else f"site:{cfg.data.site}"
+        result = train(
+            cfg, images, args.out, metadata={"git_commit": git_commit(), "data_source": source},
+            time_limit=remaining, resume=not args.no_resume, progress=not args.no_progress,
+        )
+    except (InputError, ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        write_config(args.out / "config.yaml", cfg)
+        why = " (time limit)" if result.stopped_by_time_limit else ""
+        last = f", last logged loss {result.losses[-1][1]:.4g}" if result.losses else ""
+        print(f"trained to step {result.step}{why}{last}; wrote {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
