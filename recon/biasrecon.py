@@ -1,0 +1,397 @@
+"""BiasRecon: the alternating optimizer (calibrate ↔ denoise ↔ SURE) along a diffusion schedule.
+
+Noise levels ``s_0 > … > s_{N−1}`` (geometric). The iterate starts from the SENSE estimate renoised
+to ``s_0``; one **x-step** at level ``s_i`` is::
+
+    x̂ = D_γ(x, s_i);  x₀ = (AᴴA + λI)⁻¹(Aᴴy + λ x̂);  x ← x₀ + s_{i+1}(√(1−η²) ε + η z)
+
+**Calibration** (``adapt="gamma"``; ``"full"`` is the fine-tune-everything baseline) alternates a
+**θ-step** — a few Adam steps on γ minimising the self-supervised held-out loss
+``‖M_Λ(F S x̂_γ) − y_Λ‖²/‖y_Λ‖²``, ``x̂_γ = prox_Θ(D_γ(x, s_i))``, a fresh split Θ ∪ Λ each time —
+with the x-step, over the first ``adapt_fraction`` of the schedule. Guard, in two stages on a
+fixed validation split (Θ_v, Λ_v): after each θ-step the candidate γ is scored by one denoising
+of a Θ_v-only input (cheap), and the x-step uses the best γ so far; when calibration ends, the
+whole x-step chain is run on ``y_Θv`` alone with the kept γ and with γ = 0, and γ = 0 is restored
+unless the kept γ predicts ``y_Λv`` better — so adaptation never ends with a held-out loss of the
+actual reconstruction above γ = 0's. (The one-denoising score alone is not enough: measured, it
+can improve while the chain's output collapses.)
+
+**λ-step** (``sure=True``): the λ of the final data consistency minimises Monte-Carlo SURE of
+``f(y) = A·x₀(y; λ)`` through the whole x-step chain (run at the fixed ``lam``): the divergence by
+a seeded probe ``y + εb`` pushed through the chain with common random numbers. Two measured
+pitfalls it avoids: SURE of a single prox with ``x̂`` held fixed is biased, since ``x̂`` comes from
+iterates already made consistent with ``y`` (on ``source_brain`` it chose λ 20–60× too large,
+−2 dB); and choosing the chain's own λ by measurement-domain SURE cannot see the null-space
+error that λ also shapes (it preferred λ = 0.1 where λ = 0.003 was 1.7 dB better).
+
+recon/ sees the prior only through :class:`Prior` (``denoise(x, sigma)`` on complex
+``(B, 1, H, W)``, per-real-channel noise std ``sigma``), so any denoiser module fits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recon.adapt.calibration import FrequencyCalibration
+from recon.adapt.selfsup import heldout_loss, split_mask, theta_operator
+from recon.dc import prox
+from recon.errors import InputError
+from recon.operators import Sense, conjugate_gradient
+from recon.sure import estimate_sigma, sampled_count
+
+__all__ = ["Prior", "BiasReconSettings", "BiasReconResult", "BiasRecon", "x_step_chain"]
+
+AdaptMode = Literal["gamma", "full", "none"]
+
+
+class Prior(Protocol):
+    """A denoiser ``D(x, s) ≈ E[x₀ | x₀ + s(n₁ + i n₂) = x]`` on complex ``(B, 1, H, W)`` images."""
+
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BiasReconSettings:
+    """Typed settings of the optimizer (scripts fill them from ``configs/biasrecon``).
+
+    Attributes:
+        num_steps: noise levels of the sampler; sigma_start / sigma_end: first and last level
+            (normalised image scale, 99th percentile ≈ 1); eta: share of fresh noise when renoising.
+        adapt: "gamma" (BiasRecon), "full" (fine-tune every weight) or "none" (unadapted prior).
+        theta_steps: Adam steps per θ-step; adapt_fraction: share of the schedule with θ-steps;
+            lr: Adam's learning rate; split_ratio: share of the sampled non-ACS k-space held out;
+            acs_fraction: centre kept in Θ.
+        lam: λ of the prox (the fixed λ when ``sure=False``, and during calibration).
+        sure: choose λ by SURE over ``lam_grid``; noise_sigma: measurement σ (``E|n|² = σ²``),
+            None estimates it from the k-space; sure_epsilon: probe step relative to σ.
+        cg_iters: CG iterations of the prox; seed: seeds every random draw.
+    """
+
+    num_steps: int = 20
+    sigma_start: float = 0.5
+    sigma_end: float = 0.01
+    eta: float = 1.0
+    adapt: AdaptMode = "gamma"
+    theta_steps: int = 2
+    adapt_fraction: float = 0.7
+    lr: float = 2e-2
+    split_ratio: float = 0.4
+    acs_fraction: float = 0.08
+    lam: float = 0.01
+    sure: bool = True
+    lam_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
+    noise_sigma: float | None = None
+    sure_epsilon: float = 0.1
+    cg_iters: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1 or not (self.sigma_start > self.sigma_end > 0):
+            raise InputError(
+                f"biasrecon: need num_steps >= 1 and sigma_start > sigma_end > 0, got {self.num_steps}, "
+                f"{self.sigma_start}, {self.sigma_end}"
+            )
+        if self.adapt not in ("gamma", "full", "none"):
+            raise InputError(f"biasrecon.adapt must be 'gamma', 'full' or 'none', got {self.adapt!r}")
+        if not 0 < self.split_ratio < 1:
+            raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.lam <= 0 or not self.lam_grid or min(self.lam_grid) <= 0:
+            raise InputError(f"biasrecon.lam and lam_grid must be positive, got {self.lam}, {self.lam_grid}")
+
+    def sigmas(self) -> list[float]:
+        """The geometric noise schedule ``s_0 > … > s_{N−1}``."""
+        if self.num_steps == 1:
+            return [self.sigma_end]
+        ratio = (self.sigma_end / self.sigma_start) ** (1 / (self.num_steps - 1))
+        return [self.sigma_start * ratio**i for i in range(self.num_steps)]
+
+
+@dataclass
+class BiasReconResult:
+    """The reconstruction and its trajectory.
+
+    Attributes:
+        image: complex ``(B, 1, H, W)`` final estimate (normalised scale).
+        lam: the λ used; noise_sigma: the σ given to SURE.
+        history: one record per calibration step ``{"step", "sigma", "loss", "val_loss", "gamma"}``
+            (``val_loss``: the one-denoising validation score of the best γ so far).
+        sure_curve: ``[(λ, SURE(λ))]`` of the λ-step (empty without SURE).
+        gamma: kept γ ``(L, B)`` (None unless ``adapt="gamma"``); val_loss_zero / val_loss_best:
+            held-out loss on Λ_v of the chain run on ``y_Θv`` with γ = 0 and with the kept
+            parameters (``val_loss_best <= val_loss_zero``); seconds: wall time.
+    """
+
+    image: torch.Tensor
+    lam: float
+    noise_sigma: float | None
+    history: list[dict] = field(default_factory=list)
+    sure_curve: list[tuple[float, float]] = field(default_factory=list)
+    gamma: torch.Tensor | None = None
+    val_loss_zero: float | None = None
+    val_loss_best: float | None = None
+    seconds: float = 0.0
+
+
+def _complex_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n₁ + i n₂`` with ``n₁, n₂ ~ N(0, 1)`` (the prior's noise convention), drawn on the CPU."""
+    return torch.view_as_complex(torch.randn(shape + (2,), generator=generator)).to(device)
+
+
+def _renoise(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float,
+             noise: torch.Tensor) -> torch.Tensor:
+    eps = (x - x0) / sigma
+    return x0 + sigma_next * (math.sqrt(1 - eta**2) * eps + eta * noise)
+
+
+@torch.no_grad()
+def x_step_chain(prior: Prior, op: Sense, kspace: torch.Tensor, lam: float | torch.Tensor,
+                 sigmas: Sequence[float], eta: float, seed: int, cg_iters: int, tile: int = 1,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every x-step (denoise → prox → renoise) from the SENSE start; deterministic for a seed.
+
+    The batch may hold ``tile`` copies of ``n`` scans (SURE probes); each copy receives the same
+    noise (common random numbers).
+    Shape: ``kspace`` ``(tile·n, C, H, W)``; ``lam`` a float or ``(tile·n,)``; returns the final
+    ``x₀`` and the last denoiser estimate ``x̂`` (before its prox), each ``(tile·n, 1, H, W)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = kspace.shape[0] // tile
+    shape = (n, 1) + tuple(kspace.shape[-2:])
+    lam_t = torch.as_tensor(lam, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
+    x0 = conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=cg_iters).x
+    x = x0 + sigmas[0] * _complex_noise(shape, gen, kspace.device).repeat(tile, 1, 1, 1)
+    x_hat = x
+    for i in tqdm(range(len(sigmas)), desc="x-steps", disable=not progress, leave=False):
+        x_hat = prior.denoise(x, sigmas[i])
+        x0 = prox(op, kspace, x_hat, lam_t, cg_iters)
+        if i + 1 < len(sigmas):
+            noise = _complex_noise(shape, gen, kspace.device).repeat(tile, 1, 1, 1)
+            x = _renoise(x, x0, sigmas[i], sigmas[i + 1], eta, noise)
+    return x0, x_hat
+
+
+class BiasRecon:
+    """The alternating optimizer for one batch of slices sharing one operator.
+
+    Shape: ``op`` a :class:`Sense` on ``(B, C, H, W)`` with an ``(H, W)`` or ``(B, 1, H, W)`` mask
+    (the sampled sets Ω); ``kspace`` ``(B, C, H, W)`` complex, zero outside Ω; the result ``(B, 1, H, W)``.
+
+    Args:
+        prior: the denoiser (an ``nn.Module`` when ``adapt != "none"``); never modified — full
+            fine-tuning works on a copy, calibration hooks are removed when :meth:`run` ends.
+        op, kspace: the measurement operator ``A = M F S`` and the measured ``y``.
+        settings: :class:`BiasReconSettings`.
+        calibration: an existing :class:`FrequencyCalibration` on ``prior`` (for example loaded
+            from a site profile); with ``adapt="none"`` its γ is used as it is.
+        calibration_layers / calibration_bands: shape of the calibration built for ``adapt="gamma"``.
+    """
+
+    def __init__(self, prior: Prior, op: Sense, kspace: torch.Tensor, settings: BiasReconSettings,
+                 calibration: FrequencyCalibration | None = None,
+                 calibration_layers: int = 24, calibration_bands: int = 3) -> None:
+        if tuple(kspace.shape) != op.shape:
+            raise InputError(f"k-space has shape {tuple(kspace.shape)}, expected {op.shape} for this operator")
+        self.s, self.op, self.y = settings, op, kspace
+        self.device = kspace.device
+        self.gen = torch.Generator().manual_seed(settings.seed)
+        self.sigmas = settings.sigmas()
+        self.step_index = 0
+        self.history: list[dict] = []
+        self.prior, self.calibration = prior, calibration
+        if settings.adapt != "none" and not isinstance(prior, nn.Module):
+            raise InputError(f"biasrecon.adapt={settings.adapt!r} needs the prior to be a torch nn.Module")
+        if settings.adapt == "gamma" and calibration is None:
+            self.calibration = FrequencyCalibration(prior, layers="auto", num_layers=calibration_layers,
+                                                    bands=calibration_bands)
+        if settings.adapt == "full":
+            self.prior = copy.deepcopy(prior)
+            for p in self.prior.parameters():
+                p.requires_grad_(True)
+        if self.calibration is not None:
+            self.calibration.attach()
+        if settings.adapt == "gamma":
+            self.params = [self.calibration.gamma]
+        elif settings.adapt == "full":
+            self.params = list(self.prior.parameters())
+        else:
+            self.params = []
+        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr) if self.params else None
+        self._initial = [p.detach().clone() for p in self.params]
+        self._best = [p.detach().clone() for p in self.params]
+        self._iterate = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            x_sense = conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=settings.cg_iters).x
+            self.x = x_sense + self.sigmas[0] * _complex_noise(tuple(x_sense.shape), self.gen, self.device)
+        self.val_loss_zero = self.val_loss_best = None
+        if self.params:
+            self._setup_validation()
+            self.val_loss_zero = self.val_loss_best = self._validation_loss()
+        self.adapt_steps = math.ceil(settings.adapt_fraction * len(self.sigmas)) if self.params else 0
+
+    # -- calibration ------------------------------------------------------------------------------
+    def _split(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Θ/Λ split of each scan's sampled set; ``(H, W)`` or ``(B, 1, H, W)`` like the mask."""
+        mask = self.op.mask
+        h, w = self.op.shape[-2:]
+        if mask.dim() < 2:
+            mask = mask.expand(h, w)
+        if mask.dim() == 2 or mask.shape[:-2].numel() == 1:
+            split = split_mask(mask.reshape(h, w), generator=generator, ratio=self.s.split_ratio, acs=self.s.acs_fraction)
+            return split.theta, split.lam
+        if mask.dim() != 4 or mask.shape[1] != 1:
+            raise InputError(f"BiasRecon needs a mask of shape (H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
+        splits = [split_mask(m[0], generator=generator, ratio=self.s.split_ratio, acs=self.s.acs_fraction)
+                  for m in mask.expand(self.op.shape[0], 1, h, w)]
+        return torch.stack([t.theta for t in splits])[:, None], torch.stack([t.lam for t in splits])[:, None]
+
+    def _setup_validation(self) -> None:
+        vgen = torch.Generator().manual_seed(self.s.seed + 7919)
+        theta, self.val_lambda = self._split(vgen)
+        self.val_op = theta_operator(self.op, theta)
+        self.val_y = self.y * theta
+        with torch.no_grad():  # a denoiser input from Θ_v alone, mid-schedule noise, fixed noise draw
+            x_theta = conjugate_gradient(self.val_op.normal, self.val_op.A_adjoint(self.val_y), 1e-3,
+                                         max_iter=self.s.cg_iters).x
+        self.val_sigma = math.sqrt(self.sigmas[0] * self.sigmas[-1])
+        self.val_x = x_theta + self.val_sigma * _complex_noise(tuple(x_theta.shape), vgen, self.device)
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
+        x_hat = self.prior.denoise(self.val_x, self.val_sigma)
+        x_dc = prox(self.val_op, self.val_y, x_hat, self.s.lam, self.s.cg_iters)
+        return float(heldout_loss(self.op, self.y, x_dc, self.val_lambda))
+
+    def _set_params(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, values):
+                p.copy_(v)
+
+    def theta_step(self, sigma: float) -> float:
+        """A few Adam steps on the calibration parameters at noise level ``sigma``; the last loss."""
+        self._set_params(self._iterate)  # Adam continues from its own iterate, not from the kept best
+        loss_value = float("nan")
+        for _ in range(self.s.theta_steps):
+            theta, lam_mask = self._split(self.gen)
+            x_hat = self.prior.denoise(self.x.detach(), sigma)
+            x_dc = prox(theta_operator(self.op, theta), self.y * theta, x_hat, self.s.lam, self.s.cg_iters)
+            loss = heldout_loss(self.op, self.y, x_dc, lam_mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_value = float(loss.detach())
+        self._iterate = [p.detach().clone() for p in self.params]
+        val = self._validation_loss()
+        if val < self.val_loss_best:
+            self.val_loss_best, self._best = val, [p.detach().clone() for p in self.params]
+        self._set_params(self._best)
+        return loss_value
+
+    def step(self) -> dict:
+        """One calibration step: θ-step, then the x-step with the kept parameters, at the next level."""
+        i = self.step_index
+        if i >= self.adapt_steps:
+            raise RuntimeError("BiasRecon: every calibration step has been taken")
+        sigma = self.sigmas[i]
+        loss = self.theta_step(sigma)
+        with torch.no_grad():
+            x0 = prox(self.op, self.y, self.prior.denoise(self.x, sigma), self.s.lam, self.s.cg_iters)
+            noise = _complex_noise(tuple(self.x.shape), self.gen, self.device)
+            self.x = _renoise(self.x, x0, sigma, self.sigmas[min(i + 1, len(self.sigmas) - 1)], self.s.eta, noise)
+        record = {
+            "step": i,
+            "sigma": sigma,
+            "loss": loss,
+            "val_loss": self.val_loss_best,
+            "gamma": self.calibration.gamma.detach().cpu().tolist() if self.s.adapt == "gamma" else None,
+        }
+        self.history.append(record)
+        self.step_index += 1
+        return record
+
+    def chain_heldout_loss(self) -> float:
+        """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters)."""
+        x0, _ = x_step_chain(self.prior, self.val_op, self.val_y, self.s.lam, self.sigmas, self.s.eta,
+                             self.s.seed, self.s.cg_iters)
+        return float(heldout_loss(self.op, self.y, x0, self.val_lambda))
+
+    def final_guard(self) -> None:
+        """Keep the calibrated parameters only if their chain predicts ``y_Λv`` better than γ = 0's."""
+        self._set_params(self._best)
+        kept = self.chain_heldout_loss()
+        zero = [torch.zeros_like(p) for p in self.params] if self.s.adapt == "gamma" else self._initial
+        self._set_params(zero)
+        reference = self.chain_heldout_loss()
+        self.val_loss_zero = reference
+        if kept < reference:
+            self._set_params(self._best)
+            self.val_loss_best = kept
+        else:
+            self._best, self.val_loss_best = zero, reference
+
+    # -- λ-step and the reconstruction --------------------------------------------------------
+    @torch.no_grad()
+    def lambda_step(self) -> tuple[float, torch.Tensor, list[tuple[float, float]]]:
+        """λ of the final data consistency minimising Monte-Carlo SURE; returns ``(λ, image, curve)``.
+
+        The chain runs at the fixed ``lam`` (it shapes the null space); the last prox
+        ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴy + λx̂)`` changes only the measured part, so the measurement-
+        domain risk that SURE estimates is the error that λ controls.
+        Maths: ``SURE(λ) = ‖y − f(y)‖² − mσ² + σ² Re⟨b, f(y + εb) − f(y)⟩/ε`` over the ``m``
+        sampled entries, ``b = M(n₁ + i n₂)``, ``ε = sure_epsilon·σ``, ``f(y) = A x₀(y; λ)``
+        through the whole chain (``x̂`` depends on ``y``).
+        """
+        sigma = self.noise_sigma
+        n = self.y.shape[0]
+        probe_gen = torch.Generator().manual_seed(self.s.seed + 104729)
+        b = _complex_noise(tuple(self.y.shape), probe_gen, self.device) * (self.op.mask != 0)
+        eps = self.s.sure_epsilon * max(sigma, 1e-8)
+        ys = torch.cat([self.y, self.y + eps * b])
+        mask = self.op.mask.repeat(2, 1, 1, 1) if self.op.mask.dim() == 4 else self.op.mask
+        pair = Sense(self.op.sens_maps.repeat(2, 1, 1, 1), mask, fused=self.op.fused)
+        _, x_hat = x_step_chain(self.prior, pair, ys, self.s.lam, self.sigmas, self.s.eta, self.s.seed,
+                                self.s.cg_iters, tile=2)
+        m = sampled_count(self.op.mask, tuple(self.y.shape))
+        curve, images = [], []
+        for lam in self.s.lam_grid:
+            x0 = prox(pair, ys, x_hat, lam, self.s.cg_iters)
+            f = pair.A(x0)
+            fit = float(torch.sum(torch.abs(self.y - f[:n]) ** 2))
+            div = float(torch.sum(b.conj() * (f[n:] - f[:n])).real) / eps
+            curve.append((float(lam), fit - m * sigma**2 + sigma**2 * div))
+            images.append(x0[:n])
+        best = min(range(len(curve)), key=lambda j: curve[j][1])
+        return curve[best][0], images[best], curve
+
+    def run(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> BiasReconResult:
+        """Calibrate (if asked), then the λ-step (if asked) or one x-step chain at the fixed λ."""
+        start = time.perf_counter()
+        try:
+            for _ in tqdm(range(self.step_index, self.adapt_steps), desc="calibrate", disable=not progress, leave=False):
+                record = self.step()
+                if callback is not None:
+                    callback(record)
+            if self.params:
+                self.final_guard()
+            if self.s.sure:
+                self.noise_sigma = (self.s.noise_sigma if self.s.noise_sigma is not None
+                                    else estimate_sigma(self.y, self.op.mask))
+                lam, image, curve = self.lambda_step()
+            else:
+                self.noise_sigma, lam, curve = self.s.noise_sigma, self.s.lam, []
+                image, _ = x_step_chain(self.prior, self.op, self.y, lam, self.sigmas, self.s.eta, self.s.seed,
+                                        self.s.cg_iters, progress=progress)
+        finally:
+            if self.calibration is not None:
+                self.calibration.detach()
+        gamma = self.calibration.gamma.detach().clone() if self.s.adapt == "gamma" else None
+        return BiasReconResult(image=image, lam=lam, noise_sigma=self.noise_sigma, history=self.history,
+                               sure_curve=curve, gamma=gamma, val_loss_zero=self.val_loss_zero,
+                               val_loss_best=self.val_loss_best, seconds=time.perf_counter() - start)
