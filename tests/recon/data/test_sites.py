@@ -54,7 +54,8 @@ def test_shipped_sites_differ_from_the_source_as_documented():
 
 
 def test_overrides_are_applied():
-    site = load_site("source_brain", ["acquisition.acceleration=8", "noise.sigma=0.02", "acquisition.matrix=[96,80]"])
+    site = load_site("source_brain", ["acquisition.acceleration=8", "acquisition.center_fraction=0.08",
+                                      "noise.sigma=0.02", "acquisition.matrix=[96,80]"])
     assert site.acquisition.acceleration == 8.0 and site.noise.sigma == 0.02
     assert site.acquisition.matrix == [96, 80]
 
