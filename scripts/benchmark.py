@@ -108,6 +108,50 @@ def speed(device: torch.device, repeats: int) -> list[tuple[str, str, float, flo
     return rows
 
 
+def pipeline(device: torch.device, coils: int, h: int, w: int, steps: int, slices: int) -> list[tuple[str, float, float]]:
+    """Seconds per slice and peak memory of the unadapted prior and of BiasRecon on synthetic k-space.
+
+    Synthetic but shaped like fastMRI data: random smooth maps, a 4× equispaced mask with 24 ACS lines,
+    a random complex image; the cost does not depend on the content. Rows ``(method, s/slice, peak MB)``.
+    """
+    import resource
+
+    from recon.biasrecon import BiasRecon, BiasReconSettings
+    from scores.checkpoints import load_checkpoint
+
+    prior, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "scores" / "weights" / "source_brain.safetensors",
+                               device=device)
+    for p in prior.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(slices, coils, h, w, dtype=torch.complex64, generator=g)
+    maps = maps / torch.sqrt(torch.sum(torch.abs(maps) ** 2, dim=1, keepdim=True))
+    cols = torch.zeros(w)
+    cols[::4] = 1
+    cols[w // 2 - 12: w // 2 + 12] = 1
+    mask = cols.expand(h, w).contiguous()
+    op = Sense(maps.to(device), mask.to(device))
+    image = torch.randn(slices, 1, h, w, dtype=torch.complex64, generator=g).to(device)
+    y = op.A(image)
+    with torch.no_grad():  # warm-up: lazy imports, cuDNN autotuning, allocator
+        prior.denoise(image[:1], 0.1)
+    rows = []
+    for name, adapt, sure in [("unadapted (fixed λ)", "none", False), ("unadapted + SURE", "none", True),
+                              ("BiasRecon (γ + SURE)", "gamma", True)]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        BiasRecon(prior, op, y, BiasReconSettings(num_steps=steps, adapt=adapt, sure=sure, noise_sigma=0.01)).run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far
+        rows.append((name, (time.perf_counter() - start) / slices, peak))
+    return rows
+
+
 def _markdown(rows, device: torch.device, repeats: int) -> str:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
@@ -138,11 +182,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20 on CPU, 200 on CUDA)")
     p.add_argument("--record", type=Path, default=None, help="write the markdown table to this file")
+    q = sub.add_parser("pipeline", help="seconds per slice and peak memory of the unadapted prior and BiasRecon")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    q.add_argument("--shape", default="15,320,320", help="coils,H,W")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--slices", type=int, default=1)
+    q.add_argument("--record", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda was asked for but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if args.command == "pipeline":
+        coils, h, w = (int(v) for v in args.shape.split(","))
+        rows = pipeline(device, coils, h, w, args.steps, args.slices)
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+        table = (f"### pipeline — {machine}, torch {torch.__version__}, {_dt.date.today().isoformat()}\n\n"
+                 f"{args.slices} slice(s) of {coils}×{h}×{w}, {args.steps} noise levels; command: "
+                 f"`python scripts/benchmark.py pipeline --device {device.type} --shape {args.shape} "
+                 f"--steps {args.steps} --slices {args.slices}`\n\n| method | s/slice | peak memory (MB) |\n|---|---:|---:|\n"
+                 + "".join(f"| {n} | {t:.2f} | {m:,.0f} |\n" for n, t, m in rows))
+        print(table)
+        if args.record is not None:
+            _write_atomic(args.record, table)
+        return 0
     repeats = args.repeats or (200 if device.type == "cuda" else 20)
     table = _markdown(speed(device, repeats), device, repeats)
     print(table)
