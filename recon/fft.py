@@ -15,6 +15,7 @@ pointwise pass instead of two copies::
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -75,14 +76,21 @@ def ifft2c_shifted(x: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifft2(x, dim=_DIMS, norm="ortho"), dim=_DIMS)
 
 
+@functools.lru_cache(maxsize=32)
+def _output_modulation(h: int, w: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``s·C / √(HW)``: the sign, the checkerboard and the orthonormal scaling in one pass."""
+    return checkerboard(h, w, dtype, device) * (checkerboard_sign(h, w) / math.sqrt(h * w))
+
+
 def _modulated(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     h, w = x.shape[-2:]
-    c = checkerboard(h, w, _real_dtype(x), x.device)
-    transform = torch.fft.ifft2 if inverse else torch.fft.fft2
-    y = transform(x * c, dim=_DIMS, norm="ortho")
-    if checkerboard_sign(h, w) < 0:
-        c = -c
-    return y.mul_(c)  # in place: the FFT's backward does not need its output
+    dtype, device = _real_dtype(x), str(x.device)
+    c = checkerboard(h, w, dtype, device)
+    if inverse:  # unnormalised transforms; the 1/√(HW) rides on the output modulation
+        y = torch.fft.ifft2(x * c, dim=_DIMS, norm="forward")
+    else:
+        y = torch.fft.fft2(x * c, dim=_DIMS, norm="backward")
+    return y.mul_(_output_modulation(h, w, dtype, device))  # in place: the FFT's backward does not need its output
 
 
 def fft2c(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ maps like k-space, masks broadcastable to k-space; all native complex (complex64
 
 Fast path (even ``H`` and ``W``): the centred FFT is ``s·C⊙FFT(C⊙x)`` (``recon.fft``), so
 ``Sense`` folds ``s·C`` into the sensitivity maps and ``C`` into the mask once, at construction:
-``A x = (C⊙M) ⊙ FFT((s·C⊙S) x)`` — no shift copies and no modulation passes at apply time.
+``A x = (C⊙M) ⊙ FFT((s·C⊙S) x)`` — no shift copies and no modulation passes at apply time; the
+FFT's normalisation is folded into those stored masks too (unnormalised FFTs, no scaling pass).
 The normal operator needs only ``M²`` (``C² = 1``), and when the mask is constant along ``H``
 (1-D Cartesian undersampling) ``Fᴴ M F`` reduces to 1-D FFTs along ``W``, since the FFT along
 ``H`` cancels with its inverse.
@@ -17,6 +18,7 @@ The normal operator needs only ``M²`` (``C² = 1``), and when the mask is const
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -232,12 +234,16 @@ class Sense(LinearOperator):
         self._mask_sq = self.mask * self.mask
         # the normal operator only needs FFTs along W when the mask is the same on every row
         self._mask_1d = _constant_along_h(self.mask)
+        # The FFT normalisation is folded into the stored masks, so the FFTs below run unnormalised
+        # (norm="backward" forward, norm="forward" inverse: no extra scaling pass on either side).
         if self._mask_1d:
-            self._mask_sq_row = self._mask_sq[..., :1, :] if self._mask_sq.dim() >= 2 else self._mask_sq
+            row = self._mask_sq[..., :1, :] if self._mask_sq.dim() >= 2 else self._mask_sq
+            self._mask_sq_row = row / w
+        self._mask_sq_scaled = self._mask_sq / (h * w)
         if self._even:
             c = checkerboard(h, w, real, sens_maps.device)
             self._maps_mod = self.sens_maps * (checkerboard_sign(h, w) * c)
-            self._mask_mod = self.mask * c
+            self._mask_mod = self.mask * c / math.sqrt(h * w)
 
     def _check_image(self, x: torch.Tensor) -> None:
         b, _, h, w = self.shape
@@ -247,14 +253,14 @@ class Sense(LinearOperator):
     def A(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
         self._check_image(x)
         if self._even:
-            return torch.fft.fft2(self._maps_mod * x, dim=_DIMS, norm="ortho").mul_(self._mask_mod)
+            return torch.fft.fft2(self._maps_mod * x, dim=_DIMS, norm="backward").mul_(self._mask_mod)
         return self.mask * fft2c(self.sens_maps * x)
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:  # noqa: N802
         if y.shape[-3:] != self.shape[-3:]:
             raise InputError(f"Sense expects k-space of shape {self.shape}, got {tuple(y.shape)}")
         if self._even:
-            z = torch.fft.ifft2(self._mask_mod * y, dim=_DIMS, norm="ortho")
+            z = torch.fft.ifft2(self._mask_mod * y, dim=_DIMS, norm="forward")
             return coil_reduce(self._maps_mod, z, self.fused)
         return coil_reduce(self.sens_maps, ifft2c(self.mask * y), self.fused)
 
@@ -265,11 +271,11 @@ class Sense(LinearOperator):
             return self.A_adjoint(self.A(x))
         z = self._maps_mod * x
         if self._mask_1d:
-            z = torch.fft.fft(z, dim=-1, norm="ortho").mul_(self._mask_sq_row)
-            z = torch.fft.ifft(z, dim=-1, norm="ortho")
+            z = torch.fft.fft(z, dim=-1, norm="backward").mul_(self._mask_sq_row)
+            z = torch.fft.ifft(z, dim=-1, norm="forward")
         else:
-            z = torch.fft.fft2(z, dim=_DIMS, norm="ortho").mul_(self._mask_sq)
-            z = torch.fft.ifft2(z, dim=_DIMS, norm="ortho")
+            z = torch.fft.fft2(z, dim=_DIMS, norm="backward").mul_(self._mask_sq_scaled)
+            z = torch.fft.ifft2(z, dim=_DIMS, norm="forward")
         return coil_reduce(self._maps_mod, z, self.fused)
 
 
