@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.coils import espirit_maps
 from recon.data.sample import Sample
 from recon.errors import InputError
@@ -50,6 +51,9 @@ __all__ = [
     "Reconstruction",
     "METHODS",
     "CLASSICAL_METHODS",
+    "PRIOR_METHODS",
+    "unadapted",
+    "unadapted_sure",
     "TUNABLE_METHODS",
     "DEFAULT_LAMBDA_GRID",
     "run_baseline",
@@ -295,6 +299,40 @@ def total_variation(sample: Sample, sens_maps: torch.Tensor, lam: float = 3e-3, 
     return Reconstruction(image=image, seconds=time.perf_counter() - start, params=params)
 
 
+def unadapted(sample: Sample, sens_maps: torch.Tensor, prior: Any = None, lam: float = 0.01, num_steps: int = 20,
+              seed: int = 0) -> Reconstruction:
+    """The pre-trained prior without adaptation, fixed λ: the x-step chain of :mod:`recon.biasrecon`.
+
+    Maths: along ``s_0 > … > s_N``: ``x̂ = D(x, s_i)``, ``x₀ = (AᴴA + λI)⁻¹(Aᴴy + λx̂)``, renoise.
+    Shape: as :func:`run_baseline`; ``prior`` any object with ``denoise(x, sigma)``.
+    """
+    return _prior_method(sample, sens_maps, prior, lam, num_steps, seed, sure=False)
+
+
+def unadapted_sure(sample: Sample, sens_maps: torch.Tensor, prior: Any = None, lam: float = 0.01,
+                   num_steps: int = 20, seed: int = 0) -> Reconstruction:
+    """The pre-trained prior without adaptation, the final λ chosen by SURE (BiasRecon without calibration).
+
+    Maths: as :func:`unadapted`, then λ of the last data consistency minimising Monte-Carlo SURE
+    (:meth:`recon.biasrecon.BiasRecon.lambda_step`), σ estimated from the k-space.
+    Shape: as :func:`run_baseline`.
+    """
+    return _prior_method(sample, sens_maps, prior, lam, num_steps, seed, sure=True)
+
+
+def _prior_method(sample: Sample, sens_maps: torch.Tensor, prior: Any, lam: float, num_steps: int, seed: int,
+                  sure: bool) -> Reconstruction:
+    if prior is None or not callable(getattr(prior, "denoise", None)):
+        raise InputError("unadapted: key 'prior' must be an object with denoise(x, sigma), got none.")
+    _check_lam(lam, "unadapted")
+    op = Sense(sens_maps[None], sample.mask)
+    settings = BiasReconSettings(num_steps=int(num_steps), adapt="none", sure=sure, lam=float(lam), seed=int(seed))
+    start = time.perf_counter()
+    result = BiasRecon(prior, op, sample.kspace[None], settings).run()
+    return Reconstruction(image=result.image[0, 0], seconds=time.perf_counter() - start,
+                          params={"lam": result.lam, "num_steps": num_steps, "sure": sure})
+
+
 Method = Callable[..., Reconstruction]
 
 METHODS: dict[str, Method] = {
@@ -302,9 +340,13 @@ METHODS: dict[str, Method] = {
     "sense": sense,
     "l1wavelet": l1_wavelet,
     "tv": total_variation,
+    "unadapted": unadapted,
+    "unadapted_sure": unadapted_sure,
 }
-"""Registry ``name → method``; every method is ``(sample, sens_maps, **params) -> Reconstruction``.
-The prior-based ``unadapted`` / ``unadapted_sure`` register here too."""
+"""Registry ``name → method``; every method is ``(sample, sens_maps, **params) -> Reconstruction``."""
+
+PRIOR_METHODS: tuple[str, ...] = ("unadapted", "unadapted_sure")
+"""Methods that need ``prior=`` (a denoiser; scripts load it, recon never imports scores)."""
 
 CLASSICAL_METHODS: tuple[str, ...] = ("zero_filled", "sense", "l1wavelet", "tv")
 """The methods that need no prior (what ``--method all`` runs)."""

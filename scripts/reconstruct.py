@@ -12,7 +12,8 @@ data: a fastMRI site reads ``data.root``, a simulated site is simulated (once, c
 (mask type, acceleration, centre fraction, mask seed); ``key=value`` items override the site.
 
 Methods: ``--method`` is a name, a comma list, or ``all`` (the classical methods zero_filled,
-sense, l1wavelet, tv; see :mod:`recon.baselines`). Sensitivity maps are ESPIRiT from each slice's
+sense, l1wavelet, tv; see :mod:`recon.baselines`), plus the prior-based ``unadapted`` (fixed λ) and
+``unadapted_sure`` (λ by SURE) with the score prior of ``--prior`` (default: the bundled one). Sensitivity maps are ESPIRiT from each slice's
 auto-calibration centre, computed once per slice and shared by every method, or the file's true
 maps with ``--oracle-maps`` (simulated sites; an upper bound). ``--param METHOD.KEY=VALUE`` sets a
 method's parameter; ``--tune`` picks λ of l1wavelet / tv on a grid by the best mean PSNR on the
@@ -61,6 +62,7 @@ from recon.baselines import (  # noqa: E402
     CLASSICAL_METHODS,
     DEFAULT_LAMBDA_GRID,
     METHODS,
+    PRIOR_METHODS,
     TUNABLE_METHODS,
     center_crop,
     check_params,
@@ -70,6 +72,9 @@ from recon.baselines import (  # noqa: E402
     tune_lambda,
 )
 from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset, write_reconstructions  # noqa: E402
+from scores.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
+
+DEFAULT_PRIOR = Path(__file__).resolve().parents[1] / "scores" / "weights" / "source_brain.safetensors"
 from recon.data.fastmri_io import ISMRMRD_NAMESPACE, VolumeInfo  # noqa: E402
 from recon.data.sites import SiteConfig  # noqa: E402
 from recon.errors import InputError  # noqa: E402
@@ -100,6 +105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a method parameter, e.g. tv.max_iter=100 (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="simulation seed of a simulated site")
+    parser.add_argument("--prior", type=Path, default=DEFAULT_PRIOR,
+                        help="score-prior checkpoint for unadapted / unadapted_sure (default: the bundled one)")
     parser.add_argument("overrides", nargs="*", help="site overrides, e.g. acquisition.acceleration=8")
     return parser.parse_args(argv)
 
@@ -306,6 +313,18 @@ def run(args: argparse.Namespace) -> int:
     if args.max_slices is not None and args.max_slices < 1:
         raise InputError(f"command line: key '--max-slices' is {args.max_slices}, expected a positive integer.")
     site = load_site(args.site, site_overrides(args))
+    if any(m in PRIOR_METHODS for m in methods):
+        try:
+            prior, _ = load_checkpoint(args.prior)
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from None
+        for p in prior.parameters():
+            p.requires_grad_(False)
+        for m in methods:
+            if m in PRIOR_METHODS:
+                if "prior" in params[m]:
+                    raise InputError(f"command line: key '--param {m}.prior' is not settable, expected --prior PATH.")
+                params[m]["prior"] = prior
 
     dataset = open_dataset(args, site)
     count = len(dataset) if args.max_slices is None else min(len(dataset), args.max_slices)
