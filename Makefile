@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/reconstruct.py --site unseen_center --method sense --out out/demo
+	$(PY) scripts/adapt.py --site unseen_center
 
 test: $(STAMP)
 	$(PY) -m pytest

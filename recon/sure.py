@@ -49,7 +49,8 @@ def estimate_sigma(kspace: torch.Tensor, mask: torch.Tensor | None = None, outer
     """Noise level ``σ`` (``E|n|² = σ²``) from the k-space alone, no noise scan needed.
 
     Estimator: the outermost k-space corners (beyond ``1 − outer_fraction`` of the half-width in
-    both directions) hold almost no signal, only noise. On the sampled entries there, the real and
+    both directions) hold almost no signal, only noise; when too few of them are sampled, the outer
+    columns, then the outer readout rows of the sampled columns, are used. On the sampled entries there, the real and
     imaginary parts are pooled and ``σ = √2 · median(|v − median v|) / 0.6745`` (median absolute
     deviation of one real component, robust to the little signal left). Works on prospectively undersampled data: only
     entries with ``mask ≠ 0`` (or, without a mask, non-zero entries) are used.
@@ -63,8 +64,12 @@ def estimate_sigma(kspace: torch.Tensor, mask: torch.Tensor | None = None, outer
     corner = (ky >= 1 - outer_fraction) & (kx >= 1 - outer_fraction)
     sampled = (kspace != 0) if mask is None else torch.broadcast_to(mask != 0, kspace.shape)
     keep = sampled & corner
-    if int(keep.sum()) < 16:  # too few corner samples (e.g. 1-D masks at high acceleration): use the outer band in W
-        keep = sampled & (kx >= 1 - 2 * outer_fraction)
+    # too few corner samples (1-D masks at high acceleration sample no outer columns): the outer
+    # band in W, then the outer readout rows (band in H) of whichever columns were sampled
+    for band in (kx >= 1 - 2 * outer_fraction, ky >= 1 - 2 * outer_fraction):
+        if int(keep.sum()) >= 16:
+            break
+        keep = sampled & band
     if int(keep.sum()) < 16:
         raise InputError("cannot estimate the noise level: fewer than 16 sampled k-space entries at the periphery")
     v = torch.view_as_real(kspace[keep]).reshape(-1).double()
