@@ -74,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import scores  # noqa: E402
 from recon.adapt import FrequencyCalibration, apply_profile, save_profile  # noqa: E402
+from recon.atomic import write_bytes  # noqa: E402
 from recon.baselines import center_crop, sensitivity_maps  # noqa: E402
 from recon.biasrecon import BiasRecon, BiasReconResult, BiasReconSettings  # noqa: E402
 from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset, write_reconstructions  # noqa: E402
@@ -727,17 +728,6 @@ def gamma_figure(calibration: FrequencyCalibration, label: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _json_bytes(payload: dict) -> bytes:
     return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
 
@@ -922,10 +912,10 @@ def run(args: argparse.Namespace) -> int:
             volume = np.stack([record.images[i] for i in items])
             write_reconstructions(out / "reconstructions" / method, dataset.volumes[v].path.name, volume)
             written += 1
-    _write_bytes(out / "metrics.json", _json_bytes(metrics))
+    write_bytes(out / "metrics.json", _json_bytes(metrics))
     for name, payload in figures.items():
-        _write_bytes(out / "figures" / name, payload)
-    _write_bytes(out / "config.yaml", resolved.encode())
+        write_bytes(out / "figures" / name, payload)
+    write_bytes(out / "config.yaml", resolved.encode())
     places = [f"{out / 'reconstructions'} ({written} files)", str(out / "metrics.json"), str(out / "figures"),
               str(out / "config.yaml")]
     if kept is not None:

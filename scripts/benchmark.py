@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recon.atomic import write_text  # noqa: E402
 from recon.fft import fft2c, fft2c_shifted, ifft2c_shifted  # noqa: E402
 from recon.operators import Sense  # noqa: E402
 
@@ -167,14 +166,6 @@ def _markdown(rows, device: torch.device, repeats: int) -> str:
     return head + body
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                  + "".join(f"| {n} | {t:.2f} | {m:,.0f} |\n" for n, t, m in rows))
         print(table)
         if args.record is not None:
-            _write_atomic(args.record, table)
+            write_text(args.record, table)
         return 0
     repeats = args.repeats or (200 if device.type == "cuda" else 20)
     table = _markdown(speed(device, repeats), device, repeats)
     print(table)
     if args.record is not None:
-        _write_atomic(args.record, table)
+        write_text(args.record, table)
         print(f"wrote {args.record}")
     return 0
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime as _dt
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scores  # noqa: E402
+from recon.atomic import write_text  # noqa: E402
 from recon.baselines import center_crop, run_baseline, sensitivity_maps, tune_lambda  # noqa: E402
 from recon.biasrecon import BiasRecon, BiasReconSettings  # noqa: E402
 from recon.data import load_site, site_dataset  # noqa: E402
@@ -166,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, "python scripts/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(table)
     if args.record is not None:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.record.parent, prefix=".eval.")
-        with os.fdopen(fd, "w") as f:
-            f.write(table)
-        os.replace(tmp, args.record)
+        write_text(args.record, table)
         print(f"wrote {args.record}")
     return 0
 

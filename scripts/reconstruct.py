@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from recon.atomic import write_text  # noqa: E402
 from recon.baselines import (  # noqa: E402
     CLASSICAL_METHODS,
     DEFAULT_LAMBDA_GRID,
@@ -289,13 +290,7 @@ def _warm_up() -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from recon.atomic import write_text
 from recon.errors import InputError
 
 __all__ = [
@@ -430,20 +430,6 @@ class SiteProfile:
     source: str = ""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_profile(
     path: str | os.PathLike[str],
     calibration: FrequencyCalibration,
@@ -496,7 +482,7 @@ def save_profile(
         text = json.dumps(record, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise InputError(f"{path}: profile key 'extra' must be JSON-serialisable ({err}).") from None
-    _write_atomic(path, text + "\n")
+    write_text(path, text + "\n")
     return path
 
 
