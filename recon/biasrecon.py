@@ -227,11 +227,11 @@ class BiasRecon:
         self._initial = [p.detach().clone() for p in self.params]
         self._best = [p.detach().clone() for p in self.params]
         self._iterate = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            x_sense = conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=settings.cg_iters).x
-            self.x = x_sense + self.sigmas[0] * _complex_noise(tuple(x_sense.shape), self.gen, self.device)
         self.val_loss_zero = self.val_loss_best = None
-        if self.params:
+        if self.params:  # the calibration's own iterate; the reconstruction starts afresh in x_step_chain
+            with torch.no_grad():
+                x_sense = conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=settings.cg_iters).x
+                self.x = x_sense + self.sigmas[0] * _complex_noise(tuple(x_sense.shape), self.gen, self.device)
             self._setup_validation()
             self.val_loss_zero = self.val_loss_best = self._validation_loss()
         self.adapt_steps = math.ceil(settings.adapt_fraction * len(self.sigmas)) if self.params else 0
