@@ -31,7 +31,17 @@ the prior); otherwise the calibration is saved there (mode site: the site calibr
 the first batch's γ). ``DIR/profile.json`` holds the same γ (the reused one, the site calibration,
 or the first batch's); it is not written when no method calibrates γ.
 
-Outputs (written after every slice succeeded, each file atomically; never into the input folder):
+Volumes are the unit of work. Under ``torchrun --nproc_per_node=N`` (gloo on CPU, nccl on CUDA)
+rank ``r`` takes the volumes ``v`` with ``v % N == r`` (dataset order; mode site: rank 0 calibrates
+and broadcasts γ), and the union of the outputs equals a single-process run. Each volume's
+reconstructions are written (atomically) as soon as its slices are done, then its record
+``DIR/records/<file>.json`` (config hash and facts); a rerun skips volumes whose record carries the
+same config hash (settings, site, prior, the shared γ, the input file's size and mtime, its
+slices) and redoes the others. SIGTERM / SIGINT stop the run with exit code 128 + signal, leaving
+no partial file; the same command then completes the set. Rank 0 writes the summary outputs from
+every volume's record:
+
+Outputs (each file atomically; never into the input folder):
 
 * ``DIR/reconstructions/METHOD/<input file name>.h5``: dataset ``reconstruction``
   ``(slices, h, w)`` float32 magnitude on the file's raw scale, at the k-space matrix, or
@@ -46,8 +56,9 @@ Outputs (written after every slice succeeded, each file atomically; never into t
   ``DIR/figures/gamma.png`` (the kept γ, layers × bands).
 * ``DIR/profile.json`` (see above) and ``DIR/config.yaml`` (the resolved adapt and site config).
 
-Bad input: ``error: <message>`` on stderr, exit code 2, nothing written (arguments, configs, the
-site, the data files and the prior are checked before the output folder is created).
+Bad input: ``error: <message>`` on stderr, exit code 2 (arguments, configs, the site, the data
+files' structure and the prior are checked before the output folder is created; a bad value found
+while reading a slice, such as NaN k-space, stops the run before that volume is written).
 """
 
 from __future__ import annotations
@@ -80,6 +91,18 @@ from recon.biasrecon import BiasRecon, BiasReconResult, BiasReconSettings  # noq
 from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset, write_reconstructions  # noqa: E402
 from recon.data.sites import SiteConfig  # noqa: E402
 from recon.errors import InputError  # noqa: E402
+from recon.jobs import (  # noqa: E402
+    Interrupted,
+    OneLineParser,
+    Ranks,
+    check_output_folder,
+    config_hash,
+    init_ranks,
+    interruptible,
+    is_inside,
+    read_record,
+    write_record,
+)
 from recon.metrics import evaluate, psnr  # noqa: E402
 from recon.operators import Sense  # noqa: E402
 from recon.sure import estimate_sigma  # noqa: E402
@@ -271,15 +294,8 @@ def method_settings(config: AdaptConfig, method: str) -> BiasReconSettings:
 # --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one ``error:`` line with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(f"command line: {message}.")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--site", required=True, help="site name in configs/sites or a .yaml path")
     parser.add_argument("--data", type=Path, help="fastMRI-format h5 file or folder (default: the site's data)")
     parser.add_argument("--prior", type=Path, default=DEFAULT_PRIOR, help="safetensors checkpoint of the prior")
@@ -289,22 +305,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="adapt config YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides; site.KEY=VALUE goes to the site")
     return parser.parse_intermixed_args(argv)
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def _check_out(out: Path, inputs: Sequence[Path]) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: key '--out' is a file, expected an output folder.")
-    for data in inputs:
-        folder = data if data.is_dir() else data.parent
-        if _inside(out, folder):
-            raise InputError(
-                f"{out}: key '--out' lies in the input data folder {folder.resolve()}, expected a separate folder."
-            )
 
 
 def _site_overrides(data: Path | None, overrides: list[str]) -> list[str]:
@@ -464,14 +464,14 @@ def calibrate_site(prior: LoadedPrior, config: AdaptConfig, source: SliceSource,
 
 @dataclass
 class MethodRecord:
-    """One method over all slices: raw-scale magnitude images (cropped) and run facts.
+    """One method over one volume's slices: raw-scale magnitude images (cropped) and run facts.
 
     Attributes:
         images: ``{item: (h, w) float32}``.
-        seconds: wall time of the optimizer over all batches.
+        seconds: wall time of the optimizer over the volume's batches.
         lams: ``(λ, slices)`` per batch; noise_sigmas: ``(σ, slices)`` per batch (SURE methods).
         val_zero / val_best: validation held-out losses per batch (calibrating methods).
-        first: the first batch's result (figures); calibration: the first batch's fitted γ.
+        first: the volume's first batch's result (figures); its γ is ``first.gamma``.
     """
 
     images: dict[int, np.ndarray] = field(default_factory=dict)
@@ -481,7 +481,6 @@ class MethodRecord:
     val_zero: list[float] = field(default_factory=list)
     val_best: list[float] = field(default_factory=list)
     first: BiasReconResult | None = None
-    calibration: FrequencyCalibration | None = None
 
 
 def _magnitude(sample: Sample, image: torch.Tensor) -> np.ndarray:
@@ -511,7 +510,7 @@ def noise_level(kspace: torch.Tensor, mask: torch.Tensor) -> float:
 
 def reconstruct(prior: LoadedPrior, config: AdaptConfig, source: SliceSource, batches: list[list[int]],
                 shared: SiteCalibration | None) -> tuple[dict[str, MethodRecord], dict[int, Sample], float]:
-    """Run every method on every batch.
+    """Run every method on every batch (the batches of one volume).
 
     Methods that calibrate γ use ``shared`` fixed when it is given (``adapt="none"`` with that
     calibration), otherwise a fresh γ = 0 per batch. Returns ``({method: record}, {item: sample},
@@ -520,7 +519,7 @@ def reconstruct(prior: LoadedPrior, config: AdaptConfig, source: SliceSource, ba
     records = {m: MethodRecord() for m in config.methods}
     samples: dict[int, Sample] = {}
     map_seconds = 0.0
-    for number, items in enumerate(tqdm(batches, desc="batches", unit="batch", disable=None)):
+    for number, items in enumerate(batches):
         batch = source.batch(items)
         map_seconds += batch.map_seconds
         samples.update(zip(items, batch.samples))
@@ -546,15 +545,13 @@ def reconstruct(prior: LoadedPrior, config: AdaptConfig, source: SliceSource, ba
                 record.val_best.append(float(result.val_loss_best))
             if number == 0:
                 record.first = result
-                if settings.adapt == "gamma":
-                    record.calibration = calibration
             for i, sample, image in zip(items, batch.samples, result.image):
                 record.images[i] = _magnitude(sample, image)
     return records, samples, map_seconds
 
 
 # --------------------------------------------------------------------------------------------
-# metrics
+# volumes: the unit of work, of sharding across ranks and of resuming
 # --------------------------------------------------------------------------------------------
 
 
@@ -566,45 +563,67 @@ def _volumes(dataset: FastMRISliceDataset, count: int) -> dict[int, list[int]]:
     return volumes
 
 
-def _stored_targets(dataset: FastMRISliceDataset, volumes: dict[int, list[int]]) -> dict[int, np.ndarray]:
-    """The files' stored targets (raw scale) of the reconstructed slices. Shape ``(slices, h, w)``."""
-    targets = {}
-    for v, items in volumes.items():
-        info = dataset.volumes[v]
-        if info.target_key is not None:
-            with h5py.File(info.path, "r") as hf:
-                targets[v] = np.asarray(hf[info.target_key][[dataset.index[i][1] for i in items]])
-    return targets
+def _stored_target(dataset: FastMRISliceDataset, volume: int, items: Sequence[int]) -> np.ndarray | None:
+    """The file's stored target (raw scale) of the reconstructed slices, or ``None``. Shape ``(slices, h, w)``."""
+    info = dataset.volumes[volume]
+    if info.target_key is None:
+        return None
+    with h5py.File(info.path, "r") as hf:
+        return np.asarray(hf[info.target_key][[dataset.index[i][1] for i in items]])
 
 
-def _weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
+def _history_json(history: list[dict]) -> list[dict]:
+    return [{k: (float(v) if isinstance(v, (float, int)) and not isinstance(v, bool) else v) for k, v in r.items()}
+            for r in history]
+
+
+def volume_record(records: dict[str, MethodRecord], target: np.ndarray | None, items: Sequence[int]) -> dict:
+    """The JSON facts of one finished volume: per method the volume metrics (fastMRI's, against the
+    stored target), seconds, λ, σ, validation losses, and the first batch's trajectory and γ."""
+    methods = {}
+    for method, record in records.items():
+        first = record.first
+        pred = np.stack([record.images[i] for i in items])
+        methods[method] = {
+            "metrics": None if target is None else {k: float(v) for k, v in evaluate(target, pred).items()},
+            "seconds": record.seconds, "lams": record.lams, "noise_sigmas": record.noise_sigmas,
+            "val_zero": record.val_zero, "val_best": record.val_best,
+            "first": {"lam": float(first.lam), "sure_curve": [list(map(float, p)) for p in first.sure_curve],
+                      "history": _history_json(first.history),
+                      "val_loss_zero": first.val_loss_zero, "val_loss_best": first.val_loss_best,
+                      "gamma": None if first.gamma is None else first.gamma.detach().cpu().tolist()},
+        }
+    return {"methods": methods}
+
+
+def _weighted_mean(pairs: Sequence[Sequence[float]]) -> float:
     return float(sum(v * n for v, n in pairs) / sum(n for _, n in pairs))
 
 
-def compute_metrics(dataset: FastMRISliceDataset, count: int, records: dict[str, MethodRecord],
-                    shared: SiteCalibration | None, gamma_methods: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per method: fastMRI's volume metrics against the stored targets (mean over volumes, when the
-    files have targets), ``seconds_per_slice``, mean ``lam`` (and the ``noise_sigma`` given to SURE),
-    and the validation losses of γ."""
-    volumes = _volumes(dataset, count)
-    targets = _stored_targets(dataset, volumes)
+def compute_metrics(volume_records: Sequence[dict], count: int, shared: SiteCalibration | None,
+                    gamma_methods: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per method, from the volumes' records (in dataset order): fastMRI's volume metrics averaged
+    over volumes (when the files have targets), ``seconds_per_slice``, mean ``lam`` (and the
+    ``noise_sigma`` given to SURE), and the validation losses of γ."""
     metrics: dict[str, dict[str, float]] = {}
-    for method, record in records.items():
+    for method in volume_records[0]["methods"]:
+        entries = [r["methods"][method] for r in volume_records]
         entry: dict[str, float] = {}
-        per_volume = [evaluate(targets[v], np.stack([record.images[i] for i in items]))
-                      for v, items in volumes.items() if v in targets]
+        per_volume = [e["metrics"] for e in entries if e["metrics"] is not None]
         if per_volume:
             entry.update({k: float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS})
-        seconds = record.seconds
+        seconds = sum(e["seconds"] for e in entries)
         if shared is not None and method in gamma_methods and shared.source == "site":
             seconds += shared.seconds  # the site calibration, shared over the slices
         entry["seconds_per_slice"] = seconds / count
-        entry["lam"] = _weighted_mean(record.lams)
-        if record.noise_sigmas:
-            entry["noise_sigma"] = _weighted_mean(record.noise_sigmas)
-        if record.val_zero:
-            entry["val_loss_zero"] = float(np.mean(record.val_zero))
-            entry["val_loss_best"] = float(np.mean(record.val_best))
+        entry["lam"] = _weighted_mean([p for e in entries for p in e["lams"]])
+        sigmas = [p for e in entries for p in e["noise_sigmas"]]
+        if sigmas:
+            entry["noise_sigma"] = _weighted_mean(sigmas)
+        val_zero = [v for e in entries for v in e["val_zero"]]
+        if val_zero:
+            entry["val_loss_zero"] = float(np.mean(val_zero))
+            entry["val_loss_best"] = float(np.mean([v for e in entries for v in e["val_best"]]))
         elif shared is not None and method in gamma_methods and shared.val_loss_zero is not None:
             entry["val_loss_zero"] = float(shared.val_loss_zero)
             entry["val_loss_best"] = float(shared.val_loss_best)
@@ -670,8 +689,11 @@ def comparison_figure(sample: Sample, images: dict[str, np.ndarray]) -> bytes:
     return _png(fig)
 
 
-def trajectories_figure(history: list[dict], history_label: str, sure_curves: dict[str, BiasReconResult]) -> bytes:
-    """Held-out k-space loss per calibration step, and the SURE curve λ vs SURE(λ) with the chosen λ."""
+def trajectories_figure(history: list[dict], history_label: str, sure_curves: dict[str, dict]) -> bytes:
+    """Held-out k-space loss per calibration step, and the SURE curve λ vs SURE(λ) with the chosen λ.
+
+    ``sure_curves``: ``{method: {"lam": λ, "sure_curve": [(λ, SURE(λ))]}}`` of the first batch.
+    """
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     if history:
@@ -687,11 +709,11 @@ def trajectories_figure(history: list[dict], history_label: str, sure_curves: di
         left.text(0.5, 0.5, "no calibration in this run", ha="center", va="center")
         left.set_axis_off()
     drawn = False
-    for name, result in sure_curves.items():
-        if result.sure_curve:
-            lams, values = zip(*result.sure_curve)
-            right.plot(lams, values, "o-", label=f"{name} (λ = {result.lam:g})")
-            right.axvline(result.lam, color=right.lines[-1].get_color(), ls=":")
+    for name, first in sure_curves.items():
+        if first["sure_curve"]:
+            lams, values = zip(*first["sure_curve"])
+            right.plot(lams, values, "o-", label=f"{name} (λ = {first['lam']:g})")
+            right.axvline(first["lam"], color=right.lines[-1].get_color(), ls=":")
             drawn = True
     if drawn:
         right.set_xscale("log")
@@ -749,10 +771,13 @@ class Plan:
     prior: LoadedPrior
     reuse: bool
     shared: SiteCalibration | None
+    ranks: Ranks
 
 
 def prepare(args: argparse.Namespace) -> Plan:
     """Check arguments, configs, site, output folder, prior and a reused profile; write nothing.
+
+    Under torchrun, joins the process group (gloo on CPU, nccl on CUDA: rank ``r`` uses ``cuda:LOCAL_RANK``).
 
     Raises:
         InputError / CheckpointError: the first problem found, as one sentence.
@@ -768,7 +793,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         inputs = [args.data]
     else:
         inputs = [Path(os.path.expanduser(site.data.root))] if site.data.source == "fastmri" else []
-    _check_out(out, inputs)
+    check_output_folder(out, inputs)
     reuse = args.profile is not None and args.profile.exists()
     if args.profile is not None and not reuse:
         if not gamma_methods:
@@ -780,35 +805,82 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise InputError(
                 f"{args.profile}: key '--profile' is in a folder that does not exist, expected an existing one."
             )
-        if any(_inside(args.profile, p if p.is_dir() else p.parent) for p in inputs):
+        if any(is_inside(args.profile, p if p.is_dir() else p.parent) for p in inputs):
             raise InputError(
                 f"{args.profile}: key '--profile' lies in the input data folder, expected a separate folder."
             )
-    prior = load_prior(args.prior, _device(config.device))
+    device = _device(config.device)
+    ranks = init_ranks(device)
+    if device.type == "cuda" and ranks.distributed:
+        device = torch.device("cuda", ranks.local_rank)
+    prior = load_prior(args.prior, device)
     shared = None
     if reuse:
         calibration = _calibration(prior, config)
         profile = apply_profile(args.profile, calibration, prior=prior.sha256)
         shared = SiteCalibration(calibration, "profile", profile.site,
                                  extra={**profile.extra, "reused_from": str(args.profile)})
-        if profile.site != site.name:
+        if profile.site != site.name and ranks.is_main:
             print(f"note: profile {args.profile} was calibrated on site {profile.site!r}, used for {site.name!r}",
                   file=sys.stderr)
     elif gamma_methods:
         _calibration(prior, config)  # a bad calibration shape fails now
-    return Plan(config, gamma_methods, site, out, inputs, prior, reuse, shared)
+    return Plan(config, gamma_methods, site, out, inputs, prior, reuse, shared, ranks)
 
 
 def open_dataset(args: argparse.Namespace, plan: Plan) -> FastMRISliceDataset:
     """``--data`` with the site's mask for fully sampled files, the site's fastMRI folder, or its
-    simulated folder (simulated on first use into ``DIR/data``, a cache of inputs)."""
+    simulated folder (simulated on first use into ``DIR/data``, a cache of inputs; under torchrun
+    rank 0 simulates while the others wait)."""
     acq, site = plan.site.acquisition, plan.site
     if args.data is not None:
         return FastMRISliceDataset(args.data, mask_type=acq.mask_type, acceleration=acq.acceleration,
                                    center_fraction=acq.center_fraction, mask_seed=acq.mask_seed)
     if site.data.source == "fastmri":
         return site_dataset(site)
-    return site_dataset(site, workdir=plan.out / "data", seed=plan.config.simulation_seed)
+    if plan.ranks.is_main:
+        dataset = site_dataset(site, workdir=plan.out / "data", seed=plan.config.simulation_seed)
+    plan.ranks.barrier()
+    if not plan.ranks.is_main:
+        dataset = site_dataset(site, workdir=plan.out / "data", seed=plan.config.simulation_seed)
+    return dataset
+
+
+def share_site_calibration(plan: Plan, source: SliceSource, count: int) -> SiteCalibration:
+    """Mode site: rank 0 calibrates γ on the first slices; every rank gets the same γ (broadcast)."""
+    facts = None
+    if plan.ranks.is_main:
+        fitted = calibrate_site(plan.prior, plan.config, source, count, plan.site.name)
+        facts = {"gamma": fitted.calibration.gamma.detach().cpu(), "seconds": fitted.seconds,
+                 "val_loss_zero": fitted.val_loss_zero, "val_loss_best": fitted.val_loss_best,
+                 "history": fitted.history, "slices": fitted.slices}
+        if not plan.ranks.distributed:
+            return fitted
+    facts = plan.ranks.broadcast(facts)
+    calibration = _calibration(plan.prior, plan.config)
+    with torch.no_grad():
+        calibration.gamma.copy_(facts.pop("gamma"))
+    return SiteCalibration(calibration, "site", plan.site.name, **facts)
+
+
+def run_hash(args: argparse.Namespace, plan: Plan) -> dict:
+    """What every volume's outputs depend on besides the volume itself (hashed into its record)."""
+    shared = plan.shared
+    return {
+        "adapt": OmegaConf.to_container(OmegaConf.structured(plan.config)),
+        "site": OmegaConf.to_container(OmegaConf.structured(plan.site)),
+        "prior": plan.prior.sha256,
+        "gamma": None if shared is None else shared.calibration.gamma.detach().cpu().tolist(),
+        "data": None if args.data is None else str(args.data.resolve()),
+    }
+
+
+def volume_hash(base: dict, dataset: FastMRISliceDataset, volume: int, items: Sequence[int]) -> str:
+    """The config hash of one volume: the run's settings, the input file's identity and its slices."""
+    path = dataset.volumes[volume].path
+    stat = path.stat()
+    return config_hash({**base, "file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "slices": [dataset.index[i][1] for i in items]})
 
 
 @dataclass
@@ -822,8 +894,7 @@ class KeptGamma:
     history: list[dict]
 
 
-def kept_gamma(plan: Plan, records: dict[str, MethodRecord], samples: dict[int, Sample],
-               first_batch: list[int]) -> KeptGamma | None:
+def kept_gamma(plan: Plan, first_record: dict, first_slices: list[str]) -> KeptGamma | None:
     """The shared γ (reused profile or site calibration), else the first batch's γ of the first
     calibrating method (mode scan), else ``None``."""
     if not plan.gamma_methods:
@@ -839,32 +910,45 @@ def kept_gamma(plan: Plan, records: dict[str, MethodRecord], samples: dict[int, 
         return KeptGamma(shared.calibration, shared.site, f"site calibration on {len(shared.slices)} slices",
                          extra, shared.history)
     method = plan.gamma_methods[0]
-    first = records[method].first
-    extra.update(mode="scan", calibrated_on=[f"{samples[i].fname}:{samples[i].slice_idx}" for i in first_batch],
-                 val_loss_zero=first.val_loss_zero, val_loss_best=first.val_loss_best)
-    return KeptGamma(records[method].calibration, plan.site.name, f"{method}, first batch", extra, first.history)
+    first = first_record["methods"][method]["first"]
+    calibration = _calibration(plan.prior, plan.config)
+    with torch.no_grad():
+        calibration.gamma.copy_(torch.tensor(first["gamma"]))
+    extra.update(mode="scan", calibrated_on=first_slices, val_loss_zero=first["val_loss_zero"],
+                 val_loss_best=first["val_loss_best"])
+    return KeptGamma(calibration, plan.site.name, f"{method}, first batch", extra, first["history"])
 
 
-def render_figures(records: dict[str, MethodRecord], samples: dict[int, Sample], first_item: int,
+def render_figures(out: Path, methods: Sequence[str], first_record: dict, sample: Sample,
                    kept: KeptGamma | None) -> dict[str, bytes]:
-    """``{file name: PNG bytes}`` of the comparison, trajectories and γ figures."""
-    order = [m for m in ("unadapted", "biasrecon") if m in records]
-    order += [m for m in records if m not in order]
-    images = {m: records[m].images[first_item] for m in order}
-    figures = {"comparison.png": comparison_figure(samples[first_item], images)}
-    figures["trajectories.png"] = trajectories_figure(kept.history if kept else [], kept.label if kept else "",
-                                                      {m: r.first for m, r in records.items()})
+    """``{file name: PNG bytes}`` of the comparison (the first slice, read back from the written
+    reconstructions), trajectories and γ figures."""
+    order = [m for m in ("unadapted", "biasrecon") if m in methods]
+    order += [m for m in methods if m not in order]
+    images = {}
+    for m in order:
+        with h5py.File(out / "reconstructions" / m / first_record["file"], "r") as hf:
+            images[m] = hf["reconstruction"][0]
+    figures = {"comparison.png": comparison_figure(sample, images)}
+    figures["trajectories.png"] = trajectories_figure(
+        kept.history if kept else [], kept.label if kept else "",
+        {m: e["first"] for m, e in first_record["methods"].items()})
     if kept is not None:
         figures["gamma.png"] = gamma_figure(kept.calibration, kept.label)
     return figures
 
 
-def print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int, files: int, batches: int,
+def print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int, files: int, skipped: int,
                   map_seconds: float, kept: KeptGamma | None, places: list[str]) -> None:
-    config = plan.config
+    config, ranks = plan.config, plan.ranks
     maps = "true" if config.maps == "true" else "ESPIRiT"
-    print(f"site {plan.site.name}: {count} slices of {files} files in {batches} batches on {plan.prior.model_device}, "
-          f"mode {config.mode}, maps {maps} ({map_seconds / count:.2f} s/slice)")
+    procs = f" on {ranks.world_size} processes" if ranks.distributed else ""
+    computed = count - skipped
+    rate = f" ({map_seconds / computed:.2f} s/slice)" if computed else ""
+    print(f"site {plan.site.name}: {count} slices of {files} files{procs} on {plan.prior.model_device}, "
+          f"mode {config.mode}, maps {maps}{rate}")
+    if skipped:
+        print(f"  {skipped} slices were already done by an earlier run with the same config (skipped)")
     if kept is not None:
         calibrated = plan.shared is not None and plan.shared.source == "site"
         print(f"  γ: {kept.label}" + (f" ({plan.shared.seconds:.1f} s)" if calibrated else ""))
@@ -879,9 +963,10 @@ def print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int, 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check everything, reconstruct in memory, then write every output (atomically, per file)."""
+    """Check everything; reconstruct this rank's volumes one by one (writing each volume's outputs,
+    then its record); then rank 0 writes metrics, figures, config and profile from all records."""
     plan = prepare(args)
-    config = plan.config
+    config, ranks, out = plan.config, plan.ranks, plan.out
     dataset = open_dataset(args, plan)
     count = len(dataset) if args.max_slices is None else min(len(dataset), args.max_slices)
     volumes = _volumes(dataset, count)
@@ -894,50 +979,80 @@ def run(args: argparse.Namespace) -> int:
     source = SliceSource(dataset, config.maps == "true", plan.prior.model_device)
     batches = plan_batches(dataset.index, count, config.batch_size)
     if plan.shared is None and config.mode == "site" and plan.gamma_methods:
-        plan.shared = calibrate_site(plan.prior, config, source, count, plan.site.name)
-    records, samples, map_seconds = reconstruct(plan.prior, config, source, batches, plan.shared)
-    metrics = compute_metrics(dataset, count, records, plan.shared, plan.gamma_methods)
-    kept = kept_gamma(plan, records, samples, batches[0])
-    figures = render_figures(records, samples, batches[0][0], kept)
+        plan.shared = share_site_calibration(plan, source, count)
+    base = run_hash(args, plan)
+
+    mine = [(n, v, items) for n, (v, items) in enumerate(volumes.items()) if ranks.owns(n)]
+    records: list[tuple[int, dict]] = []
+    skipped = 0
+    map_seconds = 0.0
+    for n, v, items in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
+        name = dataset.volumes[v].path.name
+        digest = volume_hash(base, dataset, v, items)
+        outputs = [out / "reconstructions" / m / name for m in config.methods]
+        record = read_record(out / "records" / f"{name}.json", digest, outputs)
+        if record is None:
+            results, samples, seconds = reconstruct(plan.prior, config, source,
+                                                    [b for b in batches if b[0] in items], plan.shared)
+            map_seconds += seconds
+            for method, result in results.items():
+                write_reconstructions(out / "reconstructions" / method, name,
+                                      np.stack([result.images[i] for i in items]))
+            record = {"config_hash": digest, "file": name, "items": list(items),
+                      "slices": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in items],
+                      **volume_record(results, _stored_target(dataset, v, items), items)}
+            write_record(out / "records" / f"{name}.json", record)
+        else:
+            skipped += len(items)
+        records.append((n, record))
+    gathered = ranks.all_gather((records, skipped, map_seconds))
+    if not ranks.is_main:
+        return 0
+
+    volume_records = [r for _, r in sorted((p for part, _, _ in gathered for p in part), key=lambda p: p[0])]
+    skipped = sum(g[1] for g in gathered)
+    map_seconds = sum(g[2] for g in gathered)
+    metrics = compute_metrics(volume_records, count, plan.shared, plan.gamma_methods)
+    first = volume_records[0]
+    first_batch = batches[0]
+    kept = kept_gamma(plan, first, first["slices"][: len(first_batch)])
+    figures = render_figures(out, config.methods, first, dataset[first_batch[0]], kept)
     resolved = OmegaConf.to_yaml(OmegaConf.create({
         "adapt": OmegaConf.structured(config), "site": OmegaConf.structured(plan.site),
         "prior": {"path": str(plan.prior.path), "sha256": plan.prior.sha256},
         "data": None if args.data is None else str(args.data), "max_slices": args.max_slices,
     }))
-
-    # every slice succeeded: write
-    out, written = plan.out, 0
-    for method, record in records.items():
-        for v, items in volumes.items():
-            volume = np.stack([record.images[i] for i in items])
-            write_reconstructions(out / "reconstructions" / method, dataset.volumes[v].path.name, volume)
-            written += 1
     write_bytes(out / "metrics.json", _json_bytes(metrics))
     for name, payload in figures.items():
         write_bytes(out / "figures" / name, payload)
     write_bytes(out / "config.yaml", resolved.encode())
-    places = [f"{out / 'reconstructions'} ({written} files)", str(out / "metrics.json"), str(out / "figures"),
-              str(out / "config.yaml")]
+    places = [f"{out / 'reconstructions'} ({len(volumes) * len(config.methods)} files)", str(out / "metrics.json"),
+              str(out / "figures"), str(out / "config.yaml")]
     if kept is not None:
         save_profile(out / "profile.json", kept.calibration, kept.site, plan.prior.sha256, extra=kept.extra)
         places.append(str(out / "profile.json"))
         if args.profile is not None and not plan.reuse:
             save_profile(args.profile, kept.calibration, kept.site, plan.prior.sha256, extra=kept.extra)
             places.append(str(args.profile))
-    print_summary(plan, metrics, count, len(volumes), len(batches), map_seconds, kept, places)
+    print_summary(plan, metrics, count, len(volumes), skipped, map_seconds, kept, places)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 with one ``error:`` line on bad input)."""
+    """Entry point; returns the exit code (2 with one ``error:`` line on bad input; ``128 + signal``
+    after SIGTERM / SIGINT, with the finished volumes kept for a rerun to skip)."""
     try:
-        return run(parse_args(argv))
+        with interruptible():
+            return run(parse_args(argv))
     except (InputError, CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OmegaConfBaseException as exc:
         print(f"error: configuration: {_omegaconf_message(exc)} is invalid.", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"{exc}: finished volumes are kept; rerun the same command to complete the set.", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ memory) and records the table in ``DIR/tuning.json``.
 ``--max-slices N`` reconstructs the first N slices in dataset order (files sorted by name, slices
 in order); a file cut short gets a volume of its first slices only.
 
-Outputs (written only after every slice succeeded, each file atomically):
+Volumes are the unit of work: under ``torchrun --nproc_per_node=N`` rank ``r`` takes the volumes
+``v`` with ``v % N == r`` (dataset order; the union equals a single-process run; ``--tune`` needs
+one process). Each volume's reconstructions are written (atomically) when its slices are done,
+then its record ``DIR/records/<file>.json``; a rerun skips volumes whose record carries the same
+config hash (methods, parameters incl. the tuned λ and the prior's sha256, site, maps, the input
+file's size, mtime and slices) and redoes the others. SIGTERM / SIGINT stop the run with exit
+code 128 + signal and no partial file; the same command completes the set.
+
+Outputs (each file atomically):
 
 * ``DIR/reconstructions/METHOD/<input file name>.h5``: dataset ``reconstruction``
   ``(slices, h, w)`` float32 magnitude on the file's raw scale, centre-cropped to the target's
@@ -34,12 +42,15 @@ Outputs (written only after every slice succeeded, each file atomically):
   ``seconds_per_slice`` is the mean wall time of the method (sensitivity maps excluded, reported
   on stdout).
 
-Bad input: ``error: <message>`` on stderr, exit code 2, no reconstruction or metrics written.
+Bad input: ``error: <message>`` on stderr, exit code 2; arguments, site and the files' structure
+are checked before anything is written, and a bad value found while reading a slice stops the run
+before that volume is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -79,21 +90,25 @@ DEFAULT_PRIOR = Path(__file__).resolve().parents[1] / "scores" / "weights" / "so
 from recon.data.fastmri_io import ISMRMRD_NAMESPACE, VolumeInfo  # noqa: E402
 from recon.data.sites import SiteConfig  # noqa: E402
 from recon.errors import InputError  # noqa: E402
+from recon.jobs import (  # noqa: E402
+    Interrupted,
+    OneLineParser,
+    Ranks,
+    check_output_folder,
+    config_hash,
+    init_ranks,
+    interruptible,
+    read_record,
+    write_record,
+)
 from recon.metrics import evaluate  # noqa: E402
 from recon.operators import Sense  # noqa: E402
 
 METRIC_KEYS = ("psnr", "ssim", "nmse")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one ``error:`` line with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(f"command line: {message}.")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--site", required=True, help="site name in configs/sites or a .yaml path")
     parser.add_argument("--method", default="all", help="a method, a comma list, or 'all' (classical methods)")
     parser.add_argument("--data", type=Path, help="fastMRI-format h5 file or folder (default: the site's data)")
@@ -179,18 +194,6 @@ def parse_grid(text: str | None) -> list[float]:
     return grid
 
 
-def _check_out(out: Path, data_paths: Sequence[Path]) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: key '--out' is a file, expected an output folder.")
-    resolved = out.resolve()
-    for data in data_paths:
-        folder = (data if data.is_dir() else data.parent).resolve()
-        if resolved == folder or folder in resolved.parents:
-            raise InputError(
-                f"{out}: key '--out' lies in the input data folder {folder}, expected a separate output folder."
-            )
-
-
 def site_overrides(args: argparse.Namespace) -> list[str]:
     """The site dotlist; with ``--data``, ``data.root`` points at it first (so a fastMRI site needs no root)."""
     if args.data is None:
@@ -202,20 +205,26 @@ def site_overrides(args: argparse.Namespace) -> list[str]:
     return [f"data.root='{quoted}'", *args.overrides]
 
 
-def open_dataset(args: argparse.Namespace, site: SiteConfig) -> FastMRISliceDataset:
-    """The slices to reconstruct: ``--data``, the site's fastMRI folder, or its simulated folder."""
+def open_dataset(args: argparse.Namespace, site: SiteConfig, ranks: Ranks) -> FastMRISliceDataset:
+    """The slices to reconstruct: ``--data``, the site's fastMRI folder, or its simulated folder
+    (under torchrun rank 0 simulates while the others wait)."""
     acq = site.acquisition
     if args.data is not None:
         if not args.data.exists():
             raise InputError(f"{args.data}: key '--data' does not exist, expected a fastMRI h5 file or folder.")
-        _check_out(args.out, [args.data])
+        check_output_folder(args.out, [args.data])
         return FastMRISliceDataset(args.data, mask_type=acq.mask_type, acceleration=acq.acceleration,
                                    center_fraction=acq.center_fraction, mask_seed=acq.mask_seed)
     if site.data.source == "fastmri":
-        _check_out(args.out, [Path(os.path.expanduser(site.data.root))])
+        check_output_folder(args.out, [Path(os.path.expanduser(site.data.root))])
         return site_dataset(site)
-    _check_out(args.out, [])
-    return site_dataset(site, workdir=args.out / "data", seed=args.seed)
+    check_output_folder(args.out, [])
+    if ranks.is_main:
+        dataset = site_dataset(site, workdir=args.out / "data", seed=args.seed)
+    ranks.barrier()
+    if not ranks.is_main:
+        dataset = site_dataset(site, workdir=args.out / "data", seed=args.seed)
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +302,38 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def _prior_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reconstruct_volume(dataset: FastMRISliceDataset, volume: int, items: Sequence[int], methods: Sequence[str],
+                       params: dict[str, dict], oracle: bool, cache: dict[int, tuple[Sample, torch.Tensor]],
+                       sizes: dict[Path, tuple[int, int] | None]) -> tuple[VolumeResult, dict[str, list[float]], list[float]]:
+    """Every method on one volume's slices. Returns the result, ``{method: [seconds per slice]}`` and
+    the maps' seconds; ``cache`` holds slices already read (``--tune``)."""
+    info = dataset.volumes[volume]
+    result = VolumeResult(info, images={m: [] for m in methods})
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    map_seconds: list[float] = []
+    for i in items:
+        if i in cache:
+            sample, sens_maps = cache[i]
+        else:
+            sample, sens_maps = next(_slices(dataset, [i], oracle, map_seconds))
+        result.slices.append(sample.slice_idx)
+        shape = _output_shape(sample, info, sizes)
+        for m in methods:
+            rec = run_baseline(m, sample, sens_maps, **params[m])
+            magnitude = center_crop(rec.image.abs(), shape)
+            result.images[m].append(np.asarray(sample.denormalize(magnitude).numpy(), dtype=np.float32))
+            seconds[m].append(rec.seconds)
+    return result, seconds, map_seconds
+
+
 def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.method)
     params = parse_params(args.param, methods)
@@ -307,7 +348,14 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"command line: key '--param {m}.lam' conflicts with --tune, expected one of the two.")
     if args.max_slices is not None and args.max_slices < 1:
         raise InputError(f"command line: key '--max-slices' is {args.max_slices}, expected a positive integer.")
+    ranks = init_ranks()
+    if args.tune and ranks.distributed:
+        raise InputError(
+            "command line: key '--tune' picks λ on every slice in one process, expected a run without torchrun "
+            "(tune once, then pass the λ with --param METHOD.lam=VALUE under torchrun)."
+        )
     site = load_site(args.site, site_overrides(args))
+    hashed_params = {m: dict(v) for m, v in params.items()}
     if any(m in PRIOR_METHODS for m in methods):
         try:
             prior, _ = load_checkpoint(args.prior)
@@ -320,76 +368,95 @@ def run(args: argparse.Namespace) -> int:
                 if "prior" in params[m]:
                     raise InputError(f"command line: key '--param {m}.prior' is not settable, expected --prior PATH.")
                 params[m]["prior"] = prior
+                hashed_params[m]["prior"] = _prior_sha256(args.prior)
 
-    dataset = open_dataset(args, site)
+    dataset = open_dataset(args, site, ranks)
     count = len(dataset) if args.max_slices is None else min(len(dataset), args.max_slices)
-    indices = list(range(count))
-    used = sorted({dataset.index[i][0] for i in indices})
+    volumes: dict[int, list[int]] = {}
+    for i in range(count):
+        volumes.setdefault(dataset.index[i][0], []).append(i)
     if args.oracle_maps:
-        for v in used:
+        for v in volumes:
             if not dataset.volumes[v].has_sens_maps:
                 raise InputError(
                     f"{dataset.volumes[v].path}: key 'sens_maps' is missing, expected true maps for --oracle-maps."
                 )
     if args.tune:
-        for v in used:
+        for v in volumes:
             if dataset.volumes[v].target_key is None:
                 raise InputError(
                     f"{dataset.volumes[v].path}: has no target ('reconstruction_rss' / 'reconstruction_esc'), "
                     f"expected targets for --tune."
                 )
 
-    stream: Iterator[tuple[Sample, torch.Tensor]] | list[tuple[Sample, torch.Tensor]]
     tuning: dict[str, dict] = {}
+    cache: dict[int, tuple[Sample, torch.Tensor]] = {}
     map_seconds: list[float] = []
     if tuned:
-        stream = list(tqdm(_slices(dataset, indices, args.oracle_maps, map_seconds), total=count, desc="maps",
+        stream = list(tqdm(_slices(dataset, range(count), args.oracle_maps, map_seconds), total=count, desc="maps",
                            unit="slice", disable=None))
+        cache = dict(enumerate(stream))
         samples, maps = [s for s, _ in stream], [m for _, m in stream]
         for m in tuned:
             best, table = tune_lambda(m, samples, maps, grid, **params[m])
-            params[m]["lam"] = best
+            params[m]["lam"] = hashed_params[m]["lam"] = best
             tuning[m] = {"lam": best, "grid": [{"lam": row.lam, "mean_psnr": row.mean_psnr} for row in table]}
             print(f"{m}: best lam {best:g} (" + ", ".join(f"{r.lam:g}: {r.mean_psnr:.2f} dB" for r in table) + ")")
-    else:
-        stream = _slices(dataset, indices, args.oracle_maps, map_seconds)
 
-    volumes: dict[Path, VolumeResult] = {}
-    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    base = {"methods": methods, "params": hashed_params, "site": OmegaConf.to_container(OmegaConf.structured(site)),
+            "oracle_maps": args.oracle_maps, "data": None if args.data is None else str(args.data.resolve())}
     sizes: dict[Path, tuple[int, int] | None] = {}
     _warm_up()
-    for i, (sample, sens_maps) in zip(indices, tqdm(stream, total=count, desc="slices", unit="slice", disable=None)):
-        info = dataset.volumes[dataset.index[i][0]]
-        result = volumes.setdefault(info.path, VolumeResult(info, images={m: [] for m in methods}))
-        result.slices.append(sample.slice_idx)
-        shape = _output_shape(sample, info, sizes)
-        for m in methods:
-            rec = run_baseline(m, sample, sens_maps, **params[m])
-            magnitude = center_crop(rec.image.abs(), shape)
-            result.images[m].append(np.asarray(sample.denormalize(magnitude).numpy(), dtype=np.float32))
-            seconds[m].append(rec.seconds)
+    mine = [(n, v, items) for n, (v, items) in enumerate(volumes.items()) if ranks.owns(n)]
+    records: list[tuple[int, dict]] = []
+    skipped = 0
+    for n, v, items in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
+        info = dataset.volumes[v]
+        stat = info.path.stat()
+        digest = config_hash({**base, "file": info.path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                              "slices": [dataset.index[i][1] for i in items]})
+        outputs = [args.out / "reconstructions" / m / info.path.name for m in methods]
+        record_path = args.out / "records" / f"{info.path.name}.json"
+        record = read_record(record_path, digest, outputs)
+        if record is not None:
+            skipped += len(items)
+        else:
+            result, seconds, maps_s = reconstruct_volume(dataset, v, items, methods, params, args.oracle_maps,
+                                                         cache, sizes)
+            map_seconds.extend(maps_s)
+            for m in methods:
+                write_reconstructions(args.out / "reconstructions" / m, info.path.name, np.stack(result.images[m]))
+            record = {"config_hash": digest, "file": info.path.name, "slices": result.slices,
+                      "methods": {m: {"metrics": volume_metrics(result, m), "seconds": seconds[m]} for m in methods}}
+            write_record(record_path, record)
+        records.append((n, record))
+    gathered = ranks.all_gather((records, skipped, map_seconds))
+    if not ranks.is_main:
+        return 0
 
+    volume_records = [r for _, r in sorted((p for part, _, _ in gathered for p in part), key=lambda p: p[0])]
+    skipped = sum(g[1] for g in gathered)
+    map_seconds = [t for g in gathered for t in g[2]]
     metrics: dict[str, dict] = {}
     for m in methods:
-        per_volume = [vm for r in volumes.values() if (vm := volume_metrics(r, m)) is not None]
+        per_volume = [r["methods"][m]["metrics"] for r in volume_records if r["methods"][m]["metrics"] is not None]
         if per_volume:
             metrics[m] = {k: float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS}
-            metrics[m]["seconds_per_slice"] = float(np.mean(seconds[m]))
-
-    # every slice succeeded: write
-    for m in methods:
-        for path, result in volumes.items():
-            write_reconstructions(args.out / "reconstructions" / m, path.name, np.stack(result.images[m]))
+            metrics[m]["seconds_per_slice"] = float(np.mean([t for r in volume_records
+                                                             for t in r["methods"][m]["seconds"]]))
     if metrics:
         _write_json(args.out / "metrics.json", metrics)
     if tuning:
         _write_json(args.out / "tuning.json", tuning)
 
-    print(f"site {site.name}: {count} slices of {len(volumes)} files, maps "
-          f"{'true (oracle)' if args.oracle_maps else 'ESPIRiT'} {np.mean(map_seconds):.3f} s/slice; "
-          f"wrote {args.out / 'reconstructions'}")
+    procs = f" on {ranks.world_size} processes" if ranks.distributed else ""
+    maps_rate = f" {np.mean(map_seconds):.3f} s/slice" if map_seconds else ""
+    print(f"site {site.name}: {count} slices of {len(volumes)} files{procs}, maps "
+          f"{'true (oracle)' if args.oracle_maps else 'ESPIRiT'}{maps_rate}; wrote {args.out / 'reconstructions'}")
+    if skipped:
+        print(f"  {skipped} slices were already done by an earlier run with the same config (skipped)")
     for m in methods:
-        line = f"  {m:12s} {np.mean(seconds[m]):7.3f} s/slice"
+        line = f"  {m:12s} {np.mean([t for r in volume_records for t in r['methods'][m]['seconds']]):7.3f} s/slice"
         if m in metrics:
             line += f"  PSNR {metrics[m]['psnr']:6.2f}  SSIM {metrics[m]['ssim']:.4f}  NMSE {metrics[m]['nmse']:.4g}"
         print(line)
@@ -399,12 +466,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one ``error:`` line on bad input; ``128 + signal``
+    after SIGTERM / SIGINT, with the finished volumes kept for a rerun to skip)."""
     try:
-        args = parse_args(argv)
-        return run(args)
+        with interruptible():
+            return run(parse_args(argv))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"{exc}: finished volumes are kept; rerun the same command to complete the set.", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""Running a job over many volumes: ranks under torchrun, resumable per-volume records, signals.
+
+A job (``scripts/adapt.py``, ``scripts/reconstruct.py``) reconstructs volumes one by one. Under
+``torchrun`` each rank takes the volumes ``v`` with ``v % world_size == rank`` (in dataset order),
+so the union of the ranks' outputs is the single-process output. After a volume's outputs are
+written (each atomically), its *record* — a small JSON with the job's config hash and the
+volume's facts — is written last: it marks the volume done. A rerun with the same config hash
+skips volumes whose record and outputs exist and redoes the others. SIGTERM and SIGINT raise
+:class:`Interrupted` inside the computation, so atomic writers remove their temporary files and no
+partial file is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recon.atomic import write_text
+from recon.errors import InputError
+
+__all__ = [
+    "Ranks",
+    "init_ranks",
+    "config_hash",
+    "read_record",
+    "write_record",
+    "Interrupted",
+    "interruptible",
+    "OneLineParser",
+    "check_output_folder",
+    "is_inside",
+]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (``world_size == 1`` without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def owns(self, volume_number: int) -> bool:
+        """Whether this rank reconstructs the ``volume_number``-th volume (0-based, dataset order)."""
+        return volume_number % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without torchrun."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_ranks(device: torch.device | None = None) -> Ranks:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA).
+
+    Shape: none. On CUDA each rank uses ``cuda:LOCAL_RANK`` (set as the current device).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Ranks()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Ranks(rank, world_size, local_rank)
+
+
+def config_hash(payload: Any) -> str:
+    """sha256 (first 16 hex digits) of ``payload`` as canonical JSON (sorted keys; non-JSON values as str)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_record(path: Path, expected_hash: str, outputs: Sequence[Path]) -> dict | None:
+    """The record of a finished volume, or ``None`` when it must be (re)done.
+
+    A volume is done when its record exists, parses, carries ``expected_hash`` and every path in
+    ``outputs`` exists.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("config_hash") != expected_hash:
+        return None
+    if not all(p.is_file() for p in outputs):
+        return None
+    return record
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a volume's record atomically (after its outputs: the record marks the volume done)."""
+    write_text(path, json.dumps(record, indent=1, sort_keys=True, default=float) + "\n")
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; ``signum`` says which (exit code ``128 + signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` raised in the main thread; restore the
+    previous handlers on exit. A BaseException, so ``except Exception`` blocks let it through and
+    atomic writers clean up their temporary files."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error:`` line (an :class:`InputError`, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"command line: {message}.")
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (after resolving links)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that is a file or lies inside an input folder.
+
+    Raises:
+        InputError: naming ``--out`` and the input folder.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: key '--out' is a file, expected an output folder.")
+    for data in inputs:
+        folder = data if data.is_dir() else data.parent
+        if is_inside(out, folder):
+            raise InputError(
+                f"{out}: key '--out' lies in the input data folder {folder.resolve()}, expected a separate folder."
+            )
