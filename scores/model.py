@@ -117,6 +117,32 @@ class ScoreModel(nn.Module):
             return [m for m in self.network.modules() if isinstance(m, ResBlock)]
         return list(blocks)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the network recomputes its blocks in the backward pass (see :meth:`set_gradient_checkpointing`)."""
+        return bool(getattr(self.network, "gradient_checkpointing", False))
+
+    def set_gradient_checkpointing(self, enabled: bool) -> "ScoreModel":
+        """Turn the network's gradient checkpointing on or off; returns ``self``.
+
+        Trades compute for memory when gradients flow through the denoiser (training, test-time
+        calibration of ``γ``): the blocks' activations are recomputed in the backward pass instead
+        of being stored (:meth:`scores.networks.UNet.set_gradient_checkpointing`). Outputs and
+        gradients are unchanged, and so are the weights, the ``state_dict`` and the checkpoint
+        format; under ``torch.no_grad()`` nothing changes at all.
+
+        Raises:
+            TypeError: the network has no ``set_gradient_checkpointing(enabled)`` method.
+        """
+        setter = getattr(self.network, "set_gradient_checkpointing", None)
+        if not callable(setter):
+            raise TypeError(
+                f"ScoreModel.set_gradient_checkpointing: the network {type(self.network).__name__} has no "
+                "set_gradient_checkpointing(enabled) method; expected a scores.networks.UNet or a network that has one."
+            )
+        setter(bool(enabled))
+        return self
+
     def _check_input(self, x: Tensor) -> None:
         if not torch.is_complex(x) or x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(

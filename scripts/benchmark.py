@@ -1,20 +1,31 @@
-"""Benchmarks, measured side by side in one process.
+"""Benchmarks, measured side by side in one process (``memory``: one fresh process per case).
 
     python scripts/benchmark.py speed [--device cpu|cuda] [--repeats N] [--record docs/results/speed.md]
+    python scripts/benchmark.py pipeline [--device cpu|cuda] [--shape 15,320,320] [--steps 20]
+    python scripts/benchmark.py memory [--device cpu|cuda] [--shape 15,320,320] [--steps 3] [--cuda-limit-gb 8]
 
 ``speed`` times recon's centred FFT and ``Sense.normal`` against fastMRI's formulation
 (``fastmri.fft2c`` on real views, ``fastmri.complex_mul``) and the plain-torch fftshift
 formulation on the same inputs, with two floors: plain ``fft2`` (no centring) and a one-pass copy.
 Reported: median over repeats (CUDA events on the GPU, ``perf_counter`` on the CPU) and the ratio
 to fastMRI's formulation.
+
+``memory`` measures the peak memory of BiasRecon's adaptation (``adapt="gamma"``, a few steps) of
+one synthetic slice with and without the score network's gradient checkpointing, and of the
+unadapted reconstruction for reference; each case runs in a fresh subprocess, so the peaks do not
+mix: peak RSS (``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA (optionally
+under a cap, ``--cuda-limit-gb``, set with ``torch.cuda.set_per_process_memory_fraction``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,6 +162,155 @@ def pipeline(device: torch.device, coils: int, h: int, w: int, steps: int, slice
     return rows
 
 
+MEMORY_CASES: dict[str, tuple[str, bool]] = {
+    # name -> (BiasRecon adapt mode, gradient checkpointing of the score network)
+    "unadapted": ("none", False),
+    "BiasRecon γ": ("gamma", False),
+    "BiasRecon γ + checkpointing": ("gamma", True),
+}
+
+
+def synthetic_slice(coils: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random smooth multi-coil slice with a 4× equispaced mask: ``(maps, mask, kspace)``.
+
+    The image is complex Gaussian noise low-passed in k-space (a Gaussian of σ = 1/32 cycle/pixel) inside
+    an elliptical support, scaled so its 99th magnitude percentile is 1 (the prior's normalisation);
+    the maps are smooth random complex fields (a 6×6 grid, bicubically upsampled), normalised to
+    ``Σ_c |S_c|² = 1``; the mask keeps every 4th column plus 24 central ACS columns; k-space gets
+    complex noise of σ = 0.01 on the sampled entries. Costs do not depend on the content.
+    Shape: maps ``(1, coils, h, w)`` complex64, mask ``(h, w)`` float32, kspace ``(1, coils, h, w)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.view_as_complex(torch.randn(h, w, 2, generator=g))
+    fy, fx = torch.fft.fftfreq(h)[:, None], torch.fft.fftfreq(w)[None, :]
+    image = torch.fft.ifft2(torch.fft.fft2(noise) * torch.exp(-(fy**2 + fx**2) / (2 * (1 / 32) ** 2)))
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    image = image * ((yy / 0.85) ** 2 + (xx / 0.7) ** 2 < 1)
+    image = (image / torch.quantile(image.abs().flatten(), 0.99)).to(torch.complex64)[None, None]
+    coarse = torch.randn(1, 2 * coils, 6, 6, generator=g)
+    fine = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+    maps = torch.complex(fine[:, :coils], fine[:, coils:])
+    maps = maps / torch.sqrt(torch.sum(torch.abs(maps) ** 2, dim=1, keepdim=True))
+    cols = torch.zeros(w)
+    cols[::4] = 1
+    cols[w // 2 - 12: w // 2 + 12] = 1
+    mask = cols.expand(h, w).contiguous()
+    y = Sense(maps, mask).A(image)
+    y = y + 0.01 * torch.view_as_complex(torch.randn(*y.shape, 2, generator=g)) * mask
+    return maps, mask, y
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MB (Linux ``/proc/self/statm``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def memory_case(case: str, device: torch.device, coils: int, h: int, w: int, steps: int, theta_steps: int,
+                cuda_limit_gb: float | None) -> dict:
+    """Run one case of ``memory`` in this process; returns its measurements (MB, seconds)."""
+    import resource
+
+    from recon.biasrecon import BiasRecon, BiasReconSettings
+    from scores.checkpoints import load_checkpoint
+
+    adapt, checkpointing = MEMORY_CASES[case]
+    if device.type == "cuda" and cuda_limit_gb:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_limit_gb * 2**30 / total), device)
+    prior, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "scores" / "weights" / "source_brain.safetensors",
+                               device=device)
+    prior.requires_grad_(False)
+    prior.set_gradient_checkpointing(checkpointing)
+    maps, mask, y = synthetic_slice(coils, h, w)
+    op = Sense(maps.to(device), mask.to(device))
+    y = y.to(device)
+    settings = BiasReconSettings(num_steps=steps, adapt=adapt, theta_steps=theta_steps, sure=False, noise_sigma=0.01)
+    record: dict = {"case": case, "adapt": adapt, "checkpointing": checkpointing}
+    # warm-up, the same in every case, so "before" holds what every case loads anyway: Adam's first
+    # construction imports torch._dynamo (~900 modules); on CUDA also cuDNN and the compiled coil combination
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    with torch.no_grad():
+        size = (h, w) if device.type == "cuda" else (16, 16)
+        prior.denoise(torch.zeros(1, 1, *size, dtype=torch.complex64, device=device), 0.1)
+        op.normal(torch.zeros(1, 1, h, w, dtype=torch.complex64, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        record["before_mb"] = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        record["before_mb"] = _rss_mb()
+        record["peak_before_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    try:
+        BiasRecon(prior, op, y, settings).run()
+        record["error"] = None
+    except torch.cuda.OutOfMemoryError as exc:
+        record["error"] = f"out of memory ({str(exc).splitlines()[0][:120]})"
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        record["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        record["reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    else:
+        record["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def memory(device: torch.device, shape: str, steps: int, theta_steps: int, cuda_limit_gb: float | None) -> list[dict]:
+    """Every case of :data:`MEMORY_CASES`, each in a fresh ``python scripts/benchmark.py memory-case`` process."""
+    records = []
+    for case in MEMORY_CASES:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "memory-case", "--case", case, "--device", device.type,
+               "--shape", shape, "--steps", str(steps), "--theta-steps", str(theta_steps)]
+        if cuda_limit_gb:
+            cmd += ["--cuda-limit-gb", str(cuda_limit_gb)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            records.append({"case": case, "error": f"exit {proc.returncode}: {tail[:160]}"})
+        else:
+            records.append(json.loads(lines[-1]))
+        print(f"  {case}: {records[-1]}", file=sys.stderr, flush=True)
+    return records
+
+
+def _memory_markdown(records: list[dict], device: torch.device, shape: str, steps: int, theta_steps: int,
+                     cuda_limit_gb: float | None) -> str:
+    coils, h, w = shape.split(",")
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}"
+    else:
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    limit = f" --cuda-limit-gb {cuda_limit_gb:g}" if cuda_limit_gb else ""
+    head = (f"### memory — {machine}, torch {torch.__version__}, {_dt.date.today().isoformat()}\n\n"
+            f"One synthetic {coils}-coil {h}×{w} slice (`synthetic_slice`: random smooth image and maps, 4× equispaced "
+            f"mask + 24 ACS columns), BiasRecon with {steps} noise levels, {theta_steps} Adam step(s) per θ-step, "
+            f"SURE off; each case in a fresh process. Command: `python scripts/benchmark.py memory --device "
+            f"{device.type} --shape {shape} --steps {steps} --theta-steps {theta_steps}{limit}`\n\n")
+    if device.type == "cuda":
+        cap = f" (cap {cuda_limit_gb:g} GiB)" if cuda_limit_gb else ""
+        head += (f"| case | max allocated (MB) | allocated before (MB) | max reserved (MB) | s | result{cap} |\n"
+                 "|---|---:|---:|---:|---:|---|\n")
+        body = "".join(
+            f"| {r['case']} | {r.get('peak_mb', float('nan')):,.0f} | {r.get('before_mb', float('nan')):,.0f} | "
+            f"{r.get('reserved_mb', float('nan')):,.0f} | {r.get('seconds', float('nan')):.1f} | "
+            f"{r['error'] or 'ok'} |\n" for r in records)
+    else:
+        head += ("| case | peak RSS (MB) | RSS before the run (MB) | peak − before (MB) | s |\n"
+                 "|---|---:|---:|---:|---:|\n")
+        body = "".join(
+            f"| {r['case']} | {r.get('peak_mb', float('nan')):,.0f} | {r.get('before_mb', float('nan')):,.0f} | "
+            f"{r.get('peak_mb', float('nan')) - r.get('before_mb', float('nan')):,.0f} | "
+            f"{r.get('seconds', float('nan')):.1f} |" + (f" {r['error']}" if r.get("error") else "") + "\n"
+            for r in records)
+    return head + body
+
+
 def _markdown(rows, device: torch.device, repeats: int) -> str:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
@@ -179,11 +339,36 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--slices", type=int, default=1)
     q.add_argument("--record", type=Path, default=None)
+    for name, helptext in [("memory", "peak memory of BiasRecon's adaptation with and without gradient checkpointing"),
+                           ("memory-case", "one case of memory in this process (used by memory; prints JSON)")]:
+        m = sub.add_parser(name, help=helptext)
+        m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+        m.add_argument("--shape", default="15,320,320", help="coils,H,W")
+        m.add_argument("--steps", type=int, default=3, help="noise levels (θ-steps on ceil(0.7·steps) of them)")
+        m.add_argument("--theta-steps", type=int, default=1, help="Adam steps per θ-step")
+        m.add_argument("--cuda-limit-gb", type=float, default=None,
+                       help="cap the process's CUDA memory at this many GiB (an OOM is reported, not raised)")
+        if name == "memory":
+            m.add_argument("--record", type=Path, default=None, help="write the markdown table to this file")
+        else:
+            m.add_argument("--case", required=True, choices=list(MEMORY_CASES))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda was asked for but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if args.command == "memory-case":
+        coils, h, w = (int(v) for v in args.shape.split(","))
+        print(json.dumps(memory_case(args.case, device, coils, h, w, args.steps, args.theta_steps,
+                                     args.cuda_limit_gb)))
+        return 0
+    if args.command == "memory":
+        records = memory(device, args.shape, args.steps, args.theta_steps, args.cuda_limit_gb)
+        table = _memory_markdown(records, device, args.shape, args.steps, args.theta_steps, args.cuda_limit_gb)
+        print(table)
+        if args.record is not None:
+            write_text(args.record, table)
+        return 0 if all(r.get("error") is None for r in records) else 1
     if args.command == "pipeline":
         coils, h, w = (int(v) for v in args.shape.split(","))
         rows = pipeline(device, coils, h, w, args.steps, args.slices)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: the CUDA tests, the CUDA speed benchmark and (TRAIN=1) the bundled prior's training.
+# One device call: the CUDA tests, the CUDA speed and memory benchmarks and (TRAIN=1) the bundled prior's training.
 # Logs and results go to $OUT (the device tool's return folder) or ./gpu_logs.
 #   bash scripts/gpu_check.sh                 # tests + benchmark + 300 s of prior training
 #   TRAIN=0 bash scripts/gpu_check.sh         # tests + benchmark only
@@ -18,6 +18,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 status=0
 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee -a "$LOG/gpu_tests.log" || status=1
 python3 scripts/benchmark.py speed --device cuda --record "$LOG/speed_cuda.md" > "$LOG/bench.log" 2>&1 || status=1
+python3 scripts/benchmark.py memory --device cuda --cuda-limit-gb 8 --record "$LOG/memory_cuda.md" >> "$LOG/bench.log" 2>&1 || status=1
 if [ "${TRAIN:-1}" = 1 ]; then
     python3 scripts/train_score.py --config configs/prior/source_brain.yaml --out /tmp/prior --no-progress \
         --time-limit "${TRAIN_SECONDS:-300}" > "$LOG/train.log" 2>&1 || status=1

@@ -62,19 +62,13 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(_num_groups(out_channels), out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        self.use_checkpoint = False
 
-    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """Apply the block; see the class docstring for shapes."""
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb_proj(emb)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """Apply the block; see the class docstring for shapes."""
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
 
 
 class SelfAttention(nn.Module):
@@ -136,11 +130,14 @@ class UNet(nn.Module):
         emb_channels: width of the noise embedding (0 means ``4 * base_channels``).
         pad_mode: "reflect", "replicate" or "zeros" padding up to a multiple of ``2 ** (levels - 1)``;
             reflect falls back to replicate where the image is smaller than the padding.
-        gradient_checkpointing: recompute residual blocks in the backward pass to save memory.
+        gradient_checkpointing: recompute the residual blocks and the attention in the backward pass
+            instead of storing their activations (see :meth:`set_gradient_checkpointing`).
 
     Attributes:
         blocks: the residual blocks in forward order (encoder, middle, decoder); their outputs are the
             feature maps that frequency calibration hooks into.
+        gradient_checkpointing: whether activation recomputation is on (a plain flag: not part of the
+            ``state_dict``, so checkpoints are the same with and without it).
     """
 
     def __init__(
@@ -209,10 +206,27 @@ class UNet(nn.Module):
         out += [blk for stage in self.decoder for blk in stage]  # type: ignore[misc]
         return out
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Turn activation recomputation of the residual blocks on or off."""
-        for blk in self.blocks:
-            blk.use_checkpoint = bool(enabled)
+    def set_gradient_checkpointing(self, enabled: bool) -> "UNet":
+        """Turn activation recomputation of the residual blocks and the attention on or off. Returns ``self``.
+
+        When on, each residual block and the self-attention run under
+        ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` whenever autograd records
+        (``torch.is_grad_enabled()``), in training and in eval mode alike: only the block's inputs
+        are kept for the backward pass and its inside is recomputed there. The whole module call is
+        recomputed, forward hooks included, so a hook's own saved tensors (e.g. the FFTs of
+        ``recon.adapt.FrequencyCalibration``) are not stored either, and gradients still reach
+        tensors the hooks close over (``γ``). Outputs and gradients are the same as without it; the
+        cost is one more forward of each block per backward. Under ``torch.no_grad()`` /
+        ``torch.inference_mode()`` the blocks run plainly, so sampling is unaffected.
+        """
+        self.gradient_checkpointing = bool(enabled)
+        return self
+
+    def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
+        """``module(*args)``, recomputed in the backward pass when gradient checkpointing is active."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def _zero_init(self) -> None:
         """Zero the last conv of each residual branch, the attention projection and the output conv.
@@ -275,18 +289,18 @@ class UNet(nn.Module):
         skips = []
         for level, stage in enumerate(self.encoder):
             for blk in stage:
-                h = blk(h, emb)
+                h = self._run(blk, h, emb)
             skips.append(h)
             if level < self.num_levels - 1:
                 h = self.downsamplers[level](h)
-        h = self.middle1(h, emb)
+        h = self._run(self.middle1, h, emb)
         if self.attention is not None:
-            h = self.attention(h)
-        h = self.middle2(h, emb)
+            h = self._run(self.attention, h)
+        h = self._run(self.middle2, h, emb)
         for i, stage in enumerate(self.decoder):
             h = torch.cat([h, skips.pop()], dim=1)
             for blk in stage:
-                h = blk(h, emb)
+                h = self._run(blk, h, emb)
             if i < self.num_levels - 1:
                 h = self.upsamplers[i](h)
         out = self.output_conv(F.silu(self.output_norm(h)))
