@@ -193,6 +193,7 @@ class AdaptConfig:
     mode: str = "scan"  # "scan" | "site"
     calib_slices: int = 4
     simulation_seed: int = 0
+    gradient_checkpointing: bool = False  # recompute the score network's blocks in backward (less memory)
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
@@ -345,14 +346,16 @@ class LoadedPrior:
     model_device: torch.device
 
 
-def load_prior(path: Path, device: torch.device) -> LoadedPrior:
-    """Load a safetensors checkpoint (never a pickle) and freeze its weights.
+def load_prior(path: Path, device: torch.device, gradient_checkpointing: bool = False) -> LoadedPrior:
+    """Load a safetensors checkpoint (never a pickle) and freeze its weights; optionally recompute
+    its blocks in backward (gradient checkpointing: less memory for the calibration, more time).
 
     Raises:
         CheckpointError: a missing, pickled or mismatching checkpoint.
     """
     model, _ = load_checkpoint(path, device=device)
     model.requires_grad_(False)
+    model.set_gradient_checkpointing(gradient_checkpointing)
     return LoadedPrior(model.eval(), path, _file_sha256(path), device)
 
 
@@ -813,7 +816,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     ranks = init_ranks(device)
     if device.type == "cuda" and ranks.distributed:
         device = torch.device("cuda", ranks.local_rank)
-    prior = load_prior(args.prior, device)
+    prior = load_prior(args.prior, device, config.gradient_checkpointing)
     shared = None
     if reuse:
         calibration = _calibration(prior, config)
