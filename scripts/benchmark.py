@@ -3,6 +3,7 @@
     python scripts/benchmark.py speed [--device cpu|cuda] [--repeats N] [--record docs/results/speed.md]
     python scripts/benchmark.py pipeline [--device cpu|cuda] [--shape 15,320,320] [--steps 20]
     python scripts/benchmark.py memory [--device cpu|cuda] [--shape 15,320,320] [--steps 3] [--cuda-limit-gb 8]
+    python scripts/benchmark.py throughput [--procs 1,2] [--volumes 4] [--slices 2] [--script adapt]
 
 ``speed`` times recon's centred FFT and ``Sense.normal`` against fastMRI's formulation
 (``fastmri.fft2c`` on real views, ``fastmri.complex_mul``) and the plain-torch fftshift
@@ -15,6 +16,11 @@ one synthetic slice with and without the score network's gradient checkpointing,
 unadapted reconstruction for reference; each case runs in a fresh subprocess, so the peaks do not
 mix: peak RSS (``ru_maxrss``) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA (optionally
 under a cap, ``--cuda-limit-gb``, set with ``torch.cuda.set_per_process_memory_fraction``).
+
+``throughput`` runs ``scripts/adapt.py`` (or ``reconstruct.py``) on the same simulated site with
+1 process and under ``torchrun --nproc_per_node=N`` one after the other (the site is simulated
+once beforehand; each run writes into a fresh folder), and reports wall time and slices per
+second, and whether the outputs of every run are identical to the 1-process run's.
 """
 
 from __future__ import annotations
@@ -326,6 +332,73 @@ def _markdown(rows, device: torch.device, repeats: int) -> str:
     return head + body
 
 
+THROUGHPUT_SITE = ["site.data.slices_per_subject={slices}", "site.data.num_subjects={volumes}"]
+
+
+def throughput(procs: list[int], volumes: int, slices: int, script: str, extra: list[str]) -> list[dict]:
+    """Wall time of whole runs of ``script`` with each process count in ``procs`` (sequentially).
+
+    Every run gets ``OMP_NUM_THREADS = max(1, cores // N)``; outputs are compared with the first run's.
+    """
+    import tempfile
+
+    import h5py
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    site = [s.format(slices=slices, volumes=volumes) for s in THROUGHPUT_SITE]
+    cores = os.cpu_count() or 1
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        subprocess.run([sys.executable, str(root / "scripts" / "simulate_site.py"), "--site", "unseen_center",
+                        "--out", str(data), *[s[len("site."):] for s in site]], check=True, capture_output=True)
+        for n in procs:
+            out = Path(tmp) / f"out{n}"
+            launcher = ([sys.executable] if n == 1 else
+                        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"])
+            args = ["--site", "unseen_center", "--data", str(data), "--out", str(out), *extra]
+            if script == "adapt":
+                args += [s for s in site]
+            else:
+                args += [s[len("site."):] for s in site]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+            start = time.perf_counter()
+            done = subprocess.run([*launcher, str(root / "scripts" / f"{script}.py"), *args], env=env,
+                                  capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"{script}.py with {n} processes failed:\n{done.stderr[-2000:]}")
+            images = {}
+            for path in sorted((out / "reconstructions").rglob("*.h5")):
+                with h5py.File(path, "r") as hf:
+                    images[path.relative_to(out).as_posix()] = hf["reconstruction"][()]
+            if reference is None:
+                reference = images
+            same = images.keys() == reference.keys() and all(
+                np.array_equal(images[k], reference[k]) for k in images)
+            max_diff = max((float(np.abs(images[k] - reference[k]).max() / np.abs(reference[k]).max())
+                            for k in images if k in reference), default=float("nan"))
+            rows.append({"procs": n, "threads": max(1, cores // n), "seconds": seconds,
+                         "slices_per_s": volumes * slices / seconds, "identical": same, "max_rel_diff": max_diff})
+            print(f"{n} process(es): {seconds:.1f} s, {volumes * slices / seconds:.3f} slices/s", file=sys.stderr)
+    return rows
+
+
+def _throughput_markdown(rows: list[dict], script: str, volumes: int, slices: int, extra: list[str]) -> str:
+    base = rows[0]["seconds"]
+    head = (f"### throughput — {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{_dt.date.today().isoformat()}\n\n`scripts/{script}.py` on {volumes} simulated unseen_center volumes "
+            f"of {slices} slices; command: `python scripts/benchmark.py throughput --script {script} --volumes "
+            f"{volumes} --slices {slices}" + (" -- " + " ".join(extra) if extra else "") + "`\n\n"
+            "| processes | threads each | wall s | slices/s | speed-up | outputs identical to 1 process |\n"
+            "|---:|---:|---:|---:|---:|---|\n")
+    return head + "".join(
+        f"| {r['procs']} | {r['threads']} | {r['seconds']:.1f} | {r['slices_per_s']:.3f} | "
+        f"{base / r['seconds']:.2f}× | {'yes' if r['identical'] else 'no (max rel. diff %.1e)' % r['max_rel_diff']} |\n"
+        for r in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -352,7 +425,22 @@ def main(argv: list[str] | None = None) -> int:
             m.add_argument("--record", type=Path, default=None, help="write the markdown table to this file")
         else:
             m.add_argument("--case", required=True, choices=list(MEMORY_CASES))
+    t = sub.add_parser("throughput", help="whole adapt.py / reconstruct.py runs with 1 and N processes (torchrun)")
+    t.add_argument("--procs", default="1,2", help="comma list of process counts")
+    t.add_argument("--volumes", type=int, default=4)
+    t.add_argument("--slices", type=int, default=2, help="slices per volume")
+    t.add_argument("--script", default="adapt", choices=["adapt", "reconstruct"])
+    t.add_argument("--record", type=Path, default=None, help="write the markdown table to this file")
+    t.add_argument("extra", nargs="*", help="extra arguments / overrides for the script")
     args = parser.parse_args(argv)
+    if args.command == "throughput":
+        procs = [int(v) for v in args.procs.split(",")]
+        rows = throughput(procs, args.volumes, args.slices, args.script, args.extra)
+        table = _throughput_markdown(rows, args.script, args.volumes, args.slices, args.extra)
+        print(table)
+        if args.record is not None:
+            write_text(args.record, table)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda was asked for but torch sees no CUDA device", file=sys.stderr)
         return 2
