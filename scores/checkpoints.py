@@ -80,7 +80,8 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
 def _check_safetensors(path: Path) -> None:
     """Refuse missing files, pickles / zip archives (torch.save) and anything without a safetensors header."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found, expected a safetensors checkpoint.")
+        what = "is a folder" if path.is_dir() else "file not found"
+        raise CheckpointError(f"{path}: {what}, expected a safetensors checkpoint.")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -227,8 +228,16 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: config key 'network.{diff}' is {stored.get(diff)!r}, expected {wanted.get(diff)!r}."
             )
+    # shapes first, on the meta device (no memory): a config declaring an absurdly large network is
+    # refused by the weight check instead of allocating it
+    try:
+        with torch.device("meta"):
+            skeleton = ScoreModel.from_config(cfg.network)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: metadata key 'config' does not build a network ({reason}).") from None
+    _check_weights(path, tensors, skeleton.state_dict(), "the network built from its config")
     model = ScoreModel.from_config(cfg.network)
-    _check_weights(path, tensors, model.state_dict(), "the network built from its config")
     model.load_state_dict(tensors, strict=True)
     meta["config"] = cfg
     return model.to(device).eval(), meta

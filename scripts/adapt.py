@@ -77,7 +77,7 @@ from typing import Any, List, Optional
 import h5py
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
@@ -196,10 +196,11 @@ class AdaptConfig:
     gradient_checkpointing: bool = False  # recompute the score network's blocks in backward (less memory)
 
 
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
-    key = getattr(exc, "full_key", None) or "?"
-    msg = str(getattr(exc, "msg", exc)).splitlines()[0].rstrip(".")
-    return f"key '{key}' ({msg})"
+def _omegaconf_message(exc: Exception, key: str | None = None) -> str:
+    """``key '<dotted key>' (<first line of the message>)`` of an omegaconf error."""
+    key = getattr(exc, "full_key", None) or key or "?"
+    msg = str(getattr(exc, "msg", None) or exc).strip().splitlines()
+    return f"key '{key}' ({msg[0].rstrip('.') if msg else type(exc).__name__})"
 
 
 def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -220,39 +221,16 @@ def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return adapt, site
 
 
-def load_config(path: Path, overrides: Sequence[str]) -> AdaptConfig:
-    """Read the adapt config: schema ← YAML ← dotlist; validate the values the library does not.
+def _checked(cfg: Any, where: str) -> AdaptConfig:
+    """The typed config of ``cfg``, its values checked; errors name ``where`` (the file or the command line).
 
     Raises:
-        InputError: unreadable YAML, unknown keys or wrong types (naming the file or the override),
-            or invalid values.
+        InputError: an unresolvable interpolation or an invalid value.
     """
-    if not path.is_file():
-        raise InputError(f"{path}: key '--config' is not a file, expected an adapt config YAML (configs/biasrecon/).")
-    schema = OmegaConf.structured(AdaptConfig)
     try:
-        loaded = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors come in many types
-        raise InputError(
-            f"{path}: cannot be parsed as YAML ({type(exc).__name__}), expected an adapt config."
-        ) from None
-    try:
-        cfg = OmegaConf.merge(schema, loaded)
+        config: AdaptConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise InputError(
-            f"{path}: {_omegaconf_message(exc)} is not in the adapt config schema or has the wrong type."
-        ) from None
-    for item in overrides:
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except Exception as exc:  # omegaconf and yaml errors
-            detail = _omegaconf_message(exc) if isinstance(exc, OmegaConfBaseException) else type(exc).__name__
-            raise InputError(
-                f"command line: override {item!r} is unknown or has the wrong type ({detail}), expected a key of "
-                f"{path.name} like biasrecon.num_steps=20 or a site key like site.acquisition.acceleration=8."
-            ) from None
-    config: AdaptConfig = OmegaConf.to_object(cfg)
-    where = f"{path} with overrides"
+        raise InputError(f"{where}: {_omegaconf_message(exc)} cannot be resolved, expected a plain value.") from None
     if config.maps not in ("espirit", "true"):
         raise InputError(f"{where}: key 'maps' is {config.maps!r}, expected 'espirit' or 'true'.")
     if config.device not in ("auto", "cpu", "cuda"):
@@ -268,8 +246,61 @@ def load_config(path: Path, overrides: Sequence[str]) -> AdaptConfig:
         raise InputError(
             f"{where}: key 'methods' is {list(config.methods)}, expected a non-empty list of {', '.join(METHODS)}."
         )
+    layers, bands = config.calibration.layers, config.calibration.bands
+    if layers < 1 or bands < 1:
+        raise InputError(
+            f"{where}: keys 'calibration.layers' and 'calibration.bands' are {layers} and {bands}, "
+            f"expected positive integers."
+        )
+    for method in config.methods:
+        try:
+            method_settings(config, method)
+        except InputError as exc:
+            raise InputError(f"{where}: {str(exc).rstrip('.')}.") from None
     config.methods = list(dict.fromkeys(config.methods))
     return config
+
+
+def load_config(path: Path, overrides: Sequence[str]) -> AdaptConfig:
+    """Read the adapt config: schema ← YAML ← dotlist; validate the values the library does not.
+
+    The YAML is checked on its own first (errors name the file), then with the overrides (errors
+    name the command line).
+
+    Raises:
+        InputError: unreadable YAML, unknown keys or wrong types (naming the file or the override),
+            or invalid values.
+    """
+    if not path.is_file():
+        raise InputError(f"{path}: key '--config' is not a file, expected an adapt config YAML (configs/biasrecon/).")
+    schema = OmegaConf.structured(AdaptConfig)
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in many types
+        raise InputError(
+            f"{path}: cannot be parsed as YAML ({type(exc).__name__}), expected an adapt config."
+        ) from None
+    if not isinstance(loaded, DictConfig):
+        raise InputError(f"{path}: holds a YAML list, expected a mapping of adapt config keys.")
+    top = next(iter(loaded.keys()), None) if len(loaded) == 1 else None
+    try:
+        cfg = OmegaConf.merge(schema, loaded)
+    except OmegaConfBaseException as exc:
+        raise InputError(
+            f"{path}: {_omegaconf_message(exc, top)} is not in the adapt config schema or has the wrong type."
+        ) from None
+    _checked(cfg, str(path))
+    for item in overrides:
+        key = item.partition("=")[0]
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception as exc:  # omegaconf and yaml errors
+            detail = _omegaconf_message(exc, key) if isinstance(exc, OmegaConfBaseException) else type(exc).__name__
+            raise InputError(
+                f"command line: override {item!r} is unknown or has the wrong type ({detail}), expected a key of "
+                f"{path.name} like biasrecon.num_steps=20 or a site key like site.acquisition.acceleration=8."
+            ) from None
+    return _checked(cfg, f"command line ({path} with overrides)")
 
 
 def method_settings(config: AdaptConfig, method: str) -> BiasReconSettings:

@@ -10,6 +10,13 @@ Reading: :class:`FastMRISliceDataset` turns a folder of fastMRI-format h5 files 
 * Prospectively undersampled files keep their own mask: the ``mask`` dataset when present,
   otherwise the entries that are zero on every coil.
 
+Hostile files: :func:`read_volume_info` checks a file's structure (HDF5 readable, every key a
+dataset of the right dtype and shape, sizes within :data:`MAX_SLICES`, :data:`MAX_COILS`,
+:data:`MIN_MATRIX` to :data:`MAX_MATRIX` and :data:`MAX_SLICE_ENTRIES`, attributes ``max`` /
+``noise_sigma`` finite and non-negative) when the dataset is opened; values (NaN/Inf, all-zero
+k-space) are checked when a slice is read. Every problem, including HDF5 errors of a corrupted
+file, is an :class:`~recon.errors.InputError` naming the file and the key.
+
 Writing: :func:`write_reconstructions` writes fastMRI's submission format (one h5 per input file,
 same name, dataset ``reconstruction``), atomically; :func:`write_kspace_volume` writes fastMRI
 input files (used by the site simulator). Both go through a temporary file and ``os.replace``.
@@ -18,6 +25,7 @@ input files (used by the site simulator). Both go through a temporary file and `
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import xml.etree.ElementTree as etree
 import zlib
@@ -31,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from recon.data.normalize import BOX_FRACTION
-from recon.data.sample import Sample, check_mask_2d, infer_mask, sample_from_kspace
+from recon.data.sample import Sample, check_kspace, check_mask_2d, infer_mask, sample_from_kspace
 from recon.errors import InputError
 from recon.masks import make_mask
 
@@ -39,6 +47,11 @@ __all__ = [
     "FastMRISliceDataset",
     "VolumeInfo",
     "FULLY_SAMPLED_FRACTION",
+    "MIN_MATRIX",
+    "MAX_MATRIX",
+    "MAX_COILS",
+    "MAX_SLICES",
+    "MAX_SLICE_ENTRIES",
     "slice_mask_seed",
     "read_volume_info",
     "ismrmrd_header",
@@ -52,6 +65,63 @@ ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
 FULLY_SAMPLED_FRACTION = 0.99
 """A slice counts as fully sampled when at least this fraction of its encoded entries is non-zero
 (isolated exact zeros in measured data do not turn a file into an undersampled one)."""
+
+MIN_MATRIX = 8
+"""Smallest k-space side H, W (the normalisation's central 8 % box needs at least one line)."""
+MAX_MATRIX = 8192
+"""Largest k-space (and target) side H, W."""
+MAX_COILS = 256
+"""Largest number of coils."""
+MAX_SLICES = 100_000
+"""Largest number of slices in one file."""
+MAX_SLICE_ENTRIES = 2**27
+"""Largest ``coils · H · W`` of one slice (1 GiB of complex64); fastMRI's largest slices hold about 5 · 10⁶."""
+
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError)
+"""What h5py raises on a corrupted file (bad superblock, object headers, heaps, chunks or filters)."""
+
+
+def _h5_reason(exc: BaseException) -> str:
+    """The first line of an h5py error, without the quotes a KeyError adds."""
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    return (text.strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+def _dataset(hf: h5py.File, key: str, path: Path) -> h5py.Dataset | None:
+    """``hf[key]`` if present; an HDF5 group (or other object) under a known key is an error."""
+    if key not in hf:
+        return None
+    obj = hf[key]
+    if not isinstance(obj, h5py.Dataset):
+        raise InputError(f"{path}: key '{key}' is an HDF5 {type(obj).__name__.lower()}, expected a dataset.")
+    return obj
+
+
+def _size_problem(slices: int, coils: int, height: int, width: int) -> str | None:
+    """What is wrong with a k-space shape (too small or absurdly large to read), or ``None``."""
+    if not 1 <= coils <= MAX_COILS:
+        return f"{coils} coils, expected 1 to {MAX_COILS}"
+    if min(height, width) < MIN_MATRIX or max(height, width) > MAX_MATRIX:
+        return f"a {height} x {width} matrix, expected H and W in [{MIN_MATRIX}, {MAX_MATRIX}]"
+    if coils * height * width > MAX_SLICE_ENTRIES:
+        return f"{coils * height * width} entries per slice, expected at most {MAX_SLICE_ENTRIES} (coils x H x W)"
+    if slices > MAX_SLICES:
+        return f"{slices} slices, expected at most {MAX_SLICES}"
+    return None
+
+
+def _attribute(attrs: dict, key: str, path: Path) -> None:
+    """Check a numeric attribute used by the reader (``max``, ``noise_sigma``): a finite scalar >= 0."""
+    if key not in attrs:
+        return
+    value = np.asarray(attrs[key])
+    ok = value.size == 1 and value.dtype.kind in "fiu"
+    if ok:
+        number = float(value.reshape(()))
+        ok = math.isfinite(number) and number >= 0
+    if not ok:
+        shown = repr(value.reshape(()).item()) if value.size == 1 else f"an array of shape {value.shape}"
+        raise InputError(f"{path}: attribute '{key}' is {shown}, expected a finite non-negative number.")
 
 
 def slice_mask_seed(base_seed: int, fname: str, slice_idx: int) -> int:
@@ -160,75 +230,122 @@ def _header(hf: h5py.File, path: Path, width: int) -> tuple[int, int, tuple[int,
         right = left + int(maximum) + 1
     except (etree.ParseError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: key 'ismrmrd_header' is not valid ISMRMRD XML with integer sizes ({exc}).") from None
+    if recon_size is not None and not all(1 <= s <= MAX_MATRIX for s in recon_size):
+        raise InputError(
+            f"{path}: key 'ismrmrd_header' has reconSpace matrix {recon_size}, expected sizes in [1, {MAX_MATRIX}]."
+        )
     if not 0 <= left < right:
         return 0, width, recon_size
+    if left >= width:
+        raise InputError(
+            f"{path}: key 'ismrmrd_header' encodes phase-encoding columns [{left}, {right}), outside the k-space "
+            f"width {width}; expected encodingLimits that overlap the k-space matrix."
+        )
     return left, min(right, width), recon_size
 
 
+def _inspect(hf: h5py.File, path: Path, where: list[str]) -> VolumeInfo:
+    """The checks of :func:`read_volume_info` on an open file; ``where[0]`` tracks the key being read."""
+    dset = _dataset(hf, "kspace", path)
+    if dset is None:
+        raise InputError(f"{path}: key 'kspace' is missing, expected complex k-space of shape (slices, coils, H, W).")
+    if dset.dtype.kind != "c":
+        raise InputError(f"{path}: key 'kspace' must be complex (complex64), got dtype {dset.dtype}.")
+    if dset.ndim not in (3, 4):
+        raise InputError(
+            f"{path}: key 'kspace' must have rank 4 (slices, coils, H, W) or 3 (slices, H, W), got shape {dset.shape}."
+        )
+    multicoil = dset.ndim == 4
+    shape = tuple(int(s) for s in dset.shape) if multicoil else (dset.shape[0], 1, dset.shape[1], dset.shape[2])
+    slices, coils, height, width = shape
+    if slices < 1:
+        raise InputError(f"{path}: key 'kspace' holds no slices, expected shape (slices, coils, H, W) with slices >= 1.")
+    problem = _size_problem(slices, coils, height, width)
+    if problem:
+        raise InputError(f"{path}: key 'kspace' of shape {tuple(dset.shape)} has {problem}.")
+
+    where[0] = "mask"
+    mask = _dataset(hf, "mask", path)
+    if mask is not None:
+        if mask.ndim > 3 or mask.size > coils * height * width:  # do not read an absurdly large mask
+            raise InputError(
+                f"{path}: key 'mask' of shape {mask.shape} does not fit k-space of shape {tuple(dset.shape)}, "
+                f"expected (W,), (H, W) or (coils, H, W)."
+            )
+        check_mask_2d(np.asarray(mask), (coils, height, width), str(path))
+
+    where[0] = "sens_maps"
+    maps = _dataset(hf, "sens_maps", path)
+    if maps is not None:
+        expected = shape if multicoil else (slices, height, width)
+        if maps.dtype.kind != "c" or tuple(maps.shape) not in (expected, shape):
+            raise InputError(
+                f"{path}: key 'sens_maps' must be complex of the k-space shape {tuple(dset.shape)}, "
+                f"got {maps.dtype} of shape {maps.shape}."
+            )
+
+    keys = ["reconstruction_rss", "reconstruction_esc"] if multicoil else ["reconstruction_esc", "reconstruction_rss"]
+    where[0] = keys[0]
+    target_key = next((k for k in keys if k in hf), None)
+    if target_key is not None:
+        where[0] = target_key
+        target = _dataset(hf, target_key, path)
+        if (target.dtype.kind not in "fiu" or target.ndim != 3 or target.shape[0] != slices
+                or not all(1 <= s <= MAX_MATRIX for s in target.shape[1:])):
+            raise InputError(
+                f"{path}: key '{target_key}' must be a real volume of shape ({slices}, H, W) with H and W in "
+                f"[1, {MAX_MATRIX}], got {target.dtype} of shape {target.shape}."
+            )
+
+    where[0] = "ismrmrd_header"
+    if "ismrmrd_header" in hf:
+        _dataset(hf, "ismrmrd_header", path)
+    left, right, recon_size = _header(hf, path, width)
+    encoded = torch.zeros(width, dtype=torch.float32)
+    encoded[left:right] = 1
+
+    where[0] = "attributes"  # named as "key 'attributes'" if h5py cannot read them
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in hf.attrs.items()}
+    for name in ("max", "noise_sigma"):
+        _attribute(attrs, name, path)
+    return VolumeInfo(path, shape, multicoil, target_key, mask is not None, maps is not None, encoded, recon_size,
+                      attrs)
+
+
 def read_volume_info(path: str | os.PathLike) -> VolumeInfo:
-    """Open a fastMRI h5 file and check its keys and shapes (values are checked per slice).
+    """Open a fastMRI h5 file and check its structure: keys, dtypes, shapes, sizes, attributes
+    (values are checked per slice, by :meth:`FastMRISliceDataset.__getitem__`).
 
     Maths: none. Shape: see :class:`VolumeInfo`.
 
     Raises:
-        InputError: missing file or ``kspace`` key, k-space not complex or of rank other than 3/4,
-            a ``mask`` that does not broadcast, ``sens_maps`` or target not matching the k-space.
+        InputError: missing file, a file HDF5 cannot open or read (not HDF5, truncated, corrupted),
+            a missing ``kspace`` key or a known key that is not a dataset, k-space not complex or of
+            rank other than 3/4, sizes outside the limits (:data:`MAX_MATRIX` ...), a ``mask`` that does
+            not broadcast or samples nothing, ``sens_maps`` or target not matching the k-space, an
+            invalid ``ismrmrd_header``, attributes ``max`` / ``noise_sigma`` not finite non-negative numbers.
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found, expected a fastMRI h5 file with key 'kspace'.")
+        what = "is a folder" if path.is_dir() else "file not found"
+        raise InputError(f"{path}: {what}, expected a fastMRI h5 file with key 'kspace'.")
     try:
         hf = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be opened as HDF5 ({exc}), expected a fastMRI h5 file with key 'kspace'.") from None
-    with hf:
-        if "kspace" not in hf:
-            raise InputError(f"{path}: key 'kspace' is missing, expected complex k-space of shape (slices, coils, H, W).")
-        dset = hf["kspace"]
-        if not isinstance(dset, h5py.Dataset) or dset.dtype.kind != "c":
-            raise InputError(
-                f"{path}: key 'kspace' must be complex (complex64), got dtype "
-                f"{getattr(dset, 'dtype', type(dset).__name__)}."
-            )
-        if dset.ndim not in (3, 4):
-            raise InputError(
-                f"{path}: key 'kspace' must have rank 4 (slices, coils, H, W) or 3 (slices, H, W), got shape {dset.shape}."
-            )
-        multicoil = dset.ndim == 4
-        shape = tuple(int(s) for s in dset.shape) if multicoil else (dset.shape[0], 1, dset.shape[1], dset.shape[2])
-        slices, coils, height, width = shape
-        if slices < 1:
-            raise InputError(f"{path}: key 'kspace' holds no slices, expected shape (slices, coils, H, W) with slices >= 1.")
-
-        has_mask = "mask" in hf
-        if has_mask:
-            check_mask_2d(np.asarray(hf["mask"]), (coils, height, width), str(path))
-
-        has_maps = "sens_maps" in hf
-        if has_maps:
-            maps = hf["sens_maps"]
-            expected = shape if multicoil else (slices, height, width)
-            if maps.dtype.kind != "c" or tuple(maps.shape) not in (expected, shape):
-                raise InputError(
-                    f"{path}: key 'sens_maps' must be complex of the k-space shape {tuple(dset.shape)}, "
-                    f"got {maps.dtype} of shape {maps.shape}."
-                )
-
-        keys = ["reconstruction_rss", "reconstruction_esc"] if multicoil else ["reconstruction_esc", "reconstruction_rss"]
-        target_key = next((k for k in keys if k in hf), None)
-        if target_key is not None:
-            target = hf[target_key]
-            if target.dtype.kind not in "fiu" or target.ndim != 3 or target.shape[0] != slices:
-                raise InputError(
-                    f"{path}: key '{target_key}' must be a real volume of shape ({slices}, H, W), "
-                    f"got {target.dtype} of shape {target.shape}."
-                )
-
-        left, right, recon_size = _header(hf, path, width)
-        encoded = torch.zeros(width, dtype=torch.float32)
-        encoded[left:right] = 1
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in hf.attrs.items()}
-    return VolumeInfo(path, shape, multicoil, target_key, has_mask, has_maps, encoded, recon_size, attrs)
+    except _H5_ERRORS as exc:
+        raise InputError(
+            f"{path}: cannot be opened as HDF5 ({_h5_reason(exc)}), expected a fastMRI h5 file with key 'kspace'."
+        ) from None
+    where = ["kspace"]
+    try:
+        with hf:
+            return _inspect(hf, path, where)
+    except InputError:
+        raise
+    except _H5_ERRORS as exc:
+        raise InputError(
+            f"{path}: key '{where[0]}' cannot be read ({_h5_reason(exc)}), expected an intact fastMRI h5 file "
+            f"(the file is corrupted or truncated)."
+        ) from None
 
 
 class FastMRISliceDataset(Dataset):
@@ -327,19 +444,30 @@ class FastMRISliceDataset(Dataset):
         vol, slice_idx = self.index[i]
         info = self.volumes[vol]
         source = f"{info.path} (slice {slice_idx})"
-        with h5py.File(info.path, "r") as hf:
-            kspace = torch.from_numpy(np.asarray(hf["kspace"][slice_idx]))
-            if not info.multicoil:
-                kspace = kspace.unsqueeze(0)
-            file_mask = np.asarray(hf["mask"]) if info.has_mask else None
-            target = np.asarray(hf[info.target_key][slice_idx]) if info.target_key else None
-            maps = None
-            if info.has_sens_maps:
-                maps = torch.from_numpy(np.asarray(hf["sens_maps"][slice_idx]))
-                if maps.dim() == 2:
-                    maps = maps.unsqueeze(0)
+        key = "kspace"
+        try:
+            with h5py.File(info.path, "r") as hf:
+                kspace = np.asarray(hf["kspace"][slice_idx])
+                key = "mask"
+                file_mask = np.asarray(hf["mask"]) if info.has_mask else None
+                key = str(info.target_key)
+                target = np.asarray(hf[info.target_key][slice_idx]) if info.target_key else None
+                key = "sens_maps"
+                maps = None
+                if info.has_sens_maps:
+                    maps = torch.from_numpy(np.asarray(hf["sens_maps"][slice_idx]))
+                    if maps.dim() == 2:
+                        maps = maps.unsqueeze(0)
+        except _H5_ERRORS as exc:
+            raise InputError(
+                f"{source}: key '{key}' cannot be read ({_h5_reason(exc)}), expected an intact fastMRI h5 file "
+                f"(the file is corrupted, truncated or changed since it was opened)."
+            ) from None
+        kspace = check_kspace(kspace if info.multicoil else kspace[None], source)  # NaN / Inf, naming the path
         if target is not None and not np.isfinite(target).all():
             raise InputError(f"{source}: key '{info.target_key}' contains NaN or Inf values, expected a finite magnitude image.")
+        if maps is not None and not bool(torch.isfinite(torch.view_as_real(maps)).all()):
+            raise InputError(f"{source}: key 'sens_maps' contains NaN or Inf values, expected finite sensitivity maps.")
         if file_mask is not None:
             mask = check_mask_2d(file_mask, tuple(kspace.shape), str(info.path))
         else:

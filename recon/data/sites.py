@@ -34,7 +34,7 @@ from typing import List, Optional
 import h5py
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recon.coils import rss
@@ -215,6 +215,22 @@ def _validate(site: SiteConfig, path: Path) -> None:
         raise InputError(f"{path}: key 'acquisition' is not a valid mask request ({str(exc).rstrip('.')}).") from None
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an omegaconf error (its message goes on with full_key / object_type lines)."""
+    text = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+    return str(text).strip().splitlines()[0].rstrip(".")
+
+
+def _failing_key(schema: DictConfig, loaded: DictConfig) -> str:
+    """The top-level key whose merge fails (omegaconf names no key when a section is given a scalar)."""
+    for key in loaded:
+        try:
+            OmegaConf.merge(schema, {key: loaded[key]})
+        except Exception:  # noqa: BLE001 - any merge failure identifies the key
+            return str(key)
+    return "?"
+
+
 def load_site(name_or_path: str, overrides: list[str] | None = None) -> SiteConfig:
     """Load, override and validate a site: the one entry point for every script.
 
@@ -236,22 +252,39 @@ def load_site(name_or_path: str, overrides: list[str] | None = None) -> SiteConf
     try:
         loaded = OmegaConf.load(path)
     except Exception as exc:  # yaml errors come in many types
+        if isinstance(exc, OSError) and "loaded object type" in str(exc):  # a YAML scalar such as `42`
+            raise InputError(
+                f"{path}: holds a single YAML value, expected a mapping of site keys (see configs/sites/)."
+            ) from None
         raise InputError(f"{path}: cannot be parsed as YAML ({type(exc).__name__}), expected a site config.") from None
+    if not isinstance(loaded, DictConfig):
+        raise InputError(f"{path}: holds a YAML list, expected a mapping of site keys (see configs/sites/).")
     try:
         cfg = OmegaConf.merge(schema, loaded)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise InputError(f"{path}: key '{key}' is not in the site schema or has the wrong type ({exc.msg if hasattr(exc, 'msg') else exc}).") from None
+    except Exception as exc:  # omegaconf validation errors and TypeErrors
+        key = getattr(exc, "full_key", None) or _failing_key(schema, loaded)
+        raise InputError(
+            f"{path}: key '{key}' is not in the site schema or has the wrong type ({_first_line(exc)})."
+        ) from None
     for item in overrides or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(
+                f"command line: site override {item!r} is not key=value, expected e.g. acquisition.acceleration=8."
+            )
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except Exception as exc:
-            key = item.split("=", 1)[0]
+            detail = _first_line(exc) if isinstance(exc, OmegaConfBaseException) else type(exc).__name__
             raise InputError(
-                f"{path}: override key '{key}' is unknown or has the wrong type ({type(exc).__name__}), "
+                f"{path}: override key '{key}' is unknown or has the wrong type ({detail}), "
                 f"expected a site schema key like acquisition.acceleration=8."
             ) from None
-    site: SiteConfig = OmegaConf.to_object(cfg)
+    try:
+        site: SiteConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:  # interpolations such as ${nope} resolve here
+        key = getattr(exc, "full_key", None) or "?"
+        raise InputError(f"{path}: key '{key}' cannot be resolved ({_first_line(exc)}).") from None
     if not site.name:
         site.name = path.stem
     site.acquisition.matrix = [int(s) for s in site.acquisition.matrix]
