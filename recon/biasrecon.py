@@ -8,7 +8,9 @@ to ``s_0``; one **x-step** at level ``s_i`` is::
 **Calibration** (``adapt="gamma"``; ``"full"`` is the fine-tune-everything baseline) alternates a
 **θ-step** — a few Adam steps on γ minimising the self-supervised held-out loss
 ``‖M_Λ(F S x̂_γ) − y_Λ‖²/‖y_Λ‖²``, ``x̂_γ = prox_Θ(D_γ(x, s_i))``, a fresh split Θ ∪ Λ each time —
-with the x-step, over the first ``adapt_fraction`` of the schedule. Guard, in two stages on a
+with the x-step, over the first ``adapt_fraction`` of the schedule (``calib_iterate="theta"``: one fixed
+split Θc ∪ Λc instead, with the calibration's iterate consistent with ``y_Θc`` only, so that ``y_Λc`` is
+really unseen). Guard, in two stages on a
 fixed validation split (Θ_v, Λ_v): after each θ-step the candidate γ is scored by one denoising
 of a Θ_v-only input (cheap), and the x-step uses the best γ so far; when calibration ends, the
 whole x-step chain is run on ``y_Θv`` alone with the kept γ and with γ = 0, and γ = 0 is restored
@@ -73,6 +75,12 @@ class BiasReconSettings:
         sure: choose λ by SURE over ``lam_grid``; noise_sigma: measurement σ (``E|n|² = σ²``),
             None estimates it from the k-space; sure_epsilon: probe step relative to σ.
         cg_iters: CG iterations of the prox; seed: seeds every random draw.
+        calib_iterate: data consistency of the calibration's own iterate (the one the θ-steps denoise).
+            "full" (the original behaviour): made consistent with all of ``y``, and every Adam step draws
+            a fresh split — but the iterate then already carries ``y_Λ`` through the earlier x-steps, so
+            the held-out loss is partly a training loss (it rewards passing the input through). "theta":
+            one fixed calibration split (Θc, Λc), drawn with its own seed; the iterate is made consistent
+            with ``y_Θc`` only and every θ-step is scored on ``y_Λc``, data it has never seen.
     """
 
     num_steps: int = 20
@@ -92,6 +100,7 @@ class BiasReconSettings:
     sure_epsilon: float = 0.1
     cg_iters: int = 10
     seed: int = 0
+    calib_iterate: str = "full"
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or not (self.sigma_start > self.sigma_end > 0):
@@ -103,8 +112,27 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.adapt must be 'gamma', 'full' or 'none', got {self.adapt!r}")
         if not 0 < self.split_ratio < 1:
             raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.calib_iterate not in ("full", "theta"):
+            raise InputError(f"biasrecon.calib_iterate must be 'full' or 'theta', got {self.calib_iterate!r}")
         if self.lam <= 0 or not self.lam_grid or min(self.lam_grid) <= 0:
             raise InputError(f"biasrecon.lam and lam_grid must be positive, got {self.lam}, {self.lam_grid}")
+        numbers = {"sigma_start": self.sigma_start, "sigma_end": self.sigma_end, "eta": self.eta, "lr": self.lr,
+                   "lam": self.lam, "sure_epsilon": self.sure_epsilon, "adapt_fraction": self.adapt_fraction,
+                   "lam_grid": max(self.lam_grid)}
+        if self.noise_sigma is not None:
+            numbers["noise_sigma"] = self.noise_sigma
+        for key, value in numbers.items():
+            if not math.isfinite(value):
+                raise InputError(f"biasrecon.{key} must be a finite number, got {value}")
+        checks = [("eta", 0 <= self.eta <= 1, "in [0, 1]"), ("lr", self.lr > 0, "positive"),
+                  ("adapt_fraction", 0 <= self.adapt_fraction <= 1, "in [0, 1]"),
+                  ("theta_steps", self.theta_steps >= 1, "an integer >= 1"),
+                  ("cg_iters", self.cg_iters >= 1, "an integer >= 1"),
+                  ("sure_epsilon", self.sure_epsilon > 0, "positive"),
+                  ("noise_sigma", self.noise_sigma is None or self.noise_sigma >= 0, "null or >= 0")]
+        for key, ok, expected in checks:
+            if not ok:
+                raise InputError(f"biasrecon.{key} must be {expected}, got {getattr(self, key)}")
 
     def sigmas(self) -> list[float]:
         """The geometric noise schedule ``s_0 > … > s_{N−1}``."""
@@ -228,9 +256,15 @@ class BiasRecon:
         self._best = [p.detach().clone() for p in self.params]
         self._iterate = [p.detach().clone() for p in self.params]
         self.val_loss_zero = self.val_loss_best = None
+        self.guarded = False  # final_guard has run (calibrate() then run() guards once)
+        self.calib_op, self.calib_y, self.calib_lambda = op, kspace, None
         if self.params:  # the calibration's own iterate; the reconstruction starts afresh in x_step_chain
+            if settings.calib_iterate == "theta":  # a fixed split: the iterate never sees y_Λc
+                theta_c, self.calib_lambda = self._split(torch.Generator().manual_seed(settings.seed + 3571))
+                self.calib_op, self.calib_y = theta_operator(op, theta_c), kspace * theta_c
             with torch.no_grad():
-                x_sense = conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=settings.cg_iters).x
+                x_sense = conjugate_gradient(self.calib_op.normal, self.calib_op.A_adjoint(self.calib_y), 1e-3,
+                                             max_iter=settings.cg_iters).x
                 self.x = x_sense + self.sigmas[0] * _complex_noise(tuple(x_sense.shape), self.gen, self.device)
             self._setup_validation()
             self.val_loss_zero = self.val_loss_best = self._validation_loss()
@@ -279,9 +313,13 @@ class BiasRecon:
         self._set_params(self._iterate)  # Adam continues from its own iterate, not from the kept best
         loss_value = float("nan")
         for _ in range(self.s.theta_steps):
-            theta, lam_mask = self._split(self.gen)
+            if self.calib_lambda is None:
+                theta, lam_mask = self._split(self.gen)
+                theta_op, y_theta = theta_operator(self.op, theta), self.y * theta
+            else:
+                theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, self.calib_lambda
             x_hat = self.prior.denoise(self.x.detach(), sigma)
-            x_dc = prox(theta_operator(self.op, theta), self.y * theta, x_hat, self.s.lam, self.s.cg_iters)
+            x_dc = prox(theta_op, y_theta, x_hat, self.s.lam, self.s.cg_iters)
             loss = heldout_loss(self.op, self.y, x_dc, lam_mask)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -302,7 +340,7 @@ class BiasRecon:
         sigma = self.sigmas[i]
         loss = self.theta_step(sigma)
         with torch.no_grad():
-            x0 = prox(self.op, self.y, self.prior.denoise(self.x, sigma), self.s.lam, self.s.cg_iters)
+            x0 = prox(self.calib_op, self.calib_y, self.prior.denoise(self.x, sigma), self.s.lam, self.s.cg_iters)
             noise = _complex_noise(tuple(self.x.shape), self.gen, self.device)
             self.x = _renoise(self.x, x0, sigma, self.sigmas[min(i + 1, len(self.sigmas) - 1)], self.s.eta, noise)
         record = {
@@ -335,6 +373,7 @@ class BiasRecon:
             self.val_loss_best = kept
         else:
             self._best, self.val_loss_best = zero, reference
+        self.guarded = True
 
     # -- λ-step and the reconstruction --------------------------------------------------------
     @torch.no_grad()
@@ -370,16 +409,25 @@ class BiasRecon:
         best = min(range(len(curve)), key=lambda j: curve[j][1])
         return curve[best][0], images[best], curve
 
+    def calibrate(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> None:
+        """Every remaining calibration step, then :meth:`final_guard` (nothing when nothing is calibrated).
+
+        Leaves the kept parameters in place (the calibration stays attached): use it to fit a site's γ
+        once (mode site) with the same guarantee as :meth:`run` — the kept γ's chain predicts ``y_Λv``
+        no worse than γ = 0's.
+        """
+        for _ in tqdm(range(self.step_index, self.adapt_steps), desc="calibrate", disable=not progress, leave=False):
+            record = self.step()
+            if callback is not None:
+                callback(record)
+        if self.params and not self.guarded:
+            self.final_guard()
+
     def run(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> BiasReconResult:
         """Calibrate (if asked), then the λ-step (if asked) or one x-step chain at the fixed λ."""
         start = time.perf_counter()
         try:
-            for _ in tqdm(range(self.step_index, self.adapt_steps), desc="calibrate", disable=not progress, leave=False):
-                record = self.step()
-                if callback is not None:
-                    callback(record)
-            if self.params:
-                self.final_guard()
+            self.calibrate(progress, callback)
             if self.s.sure:
                 self.noise_sigma = (self.s.noise_sigma if self.s.noise_sigma is not None
                                     else estimate_sigma(self.y, self.op.mask))
