@@ -33,6 +33,8 @@ __all__ = [
     "Ranks",
     "init_ranks",
     "config_hash",
+    "file_sha256",
+    "volume_hash",
     "read_record",
     "write_record",
     "Interrupted",
@@ -105,6 +107,23 @@ def config_hash(payload: Any) -> str:
     """sha256 (first 16 hex digits) of ``payload`` as canonical JSON (sorted keys; non-JSON values as str)."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def volume_hash(settings: dict, path: Path, slices: Sequence[int]) -> str:
+    """Config hash of one volume's outputs: the run's ``settings``, the input file's identity (name,
+    size, mtime) and the slice indices reconstructed."""
+    stat = Path(path).stat()
+    return config_hash({**settings, "file": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "slices": [int(i) for i in slices]})
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes (read in 1 MiB blocks): the identity of a prior checkpoint."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_record(path: Path, expected_hash: str, outputs: Sequence[Path]) -> dict | None:

@@ -64,7 +64,6 @@ while reading a slice, such as NaN k-space, stops the run before that volume is 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -96,11 +95,12 @@ from recon.jobs import (  # noqa: E402
     OneLineParser,
     Ranks,
     check_output_folder,
-    config_hash,
+    file_sha256,
     init_ranks,
     interruptible,
     is_inside,
     read_record,
+    volume_hash,
     write_record,
 )
 from recon.metrics import evaluate, psnr  # noqa: E402
@@ -359,14 +359,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class LoadedPrior:
     """The loaded, frozen prior and its identity (the sha256 of the checkpoint file)."""
@@ -387,7 +379,7 @@ def load_prior(path: Path, device: torch.device, gradient_checkpointing: bool = 
     model, _ = load_checkpoint(path, device=device)
     model.requires_grad_(False)
     model.set_gradient_checkpointing(gradient_checkpointing)
-    return LoadedPrior(model.eval(), path, _file_sha256(path), device)
+    return LoadedPrior(model.eval(), path, file_sha256(path), device)
 
 
 def _calibration(prior: LoadedPrior, config: AdaptConfig) -> FrequencyCalibration:
@@ -909,14 +901,6 @@ def run_hash(args: argparse.Namespace, plan: Plan) -> dict:
     }
 
 
-def volume_hash(base: dict, dataset: FastMRISliceDataset, volume: int, items: Sequence[int]) -> str:
-    """The config hash of one volume: the run's settings, the input file's identity and its slices."""
-    path = dataset.volumes[volume].path
-    stat = path.stat()
-    return config_hash({**base, "file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                        "slices": [dataset.index[i][1] for i in items]})
-
-
 @dataclass
 class KeptGamma:
     """The γ written as the site profile, with its label and metadata."""
@@ -1022,7 +1006,7 @@ def run(args: argparse.Namespace) -> int:
     map_seconds = 0.0
     for n, v, items in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
         name = dataset.volumes[v].path.name
-        digest = volume_hash(base, dataset, v, items)
+        digest = volume_hash(base, dataset.volumes[v].path, [dataset.index[i][1] for i in items])
         outputs = [out / "reconstructions" / m / name for m in config.methods]
         record = read_record(out / "records" / f"{name}.json", digest, outputs)
         if record is None:

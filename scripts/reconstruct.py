@@ -50,7 +50,6 @@ before that volume is written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -95,10 +94,11 @@ from recon.jobs import (  # noqa: E402
     OneLineParser,
     Ranks,
     check_output_folder,
-    config_hash,
+    file_sha256,
     init_ranks,
     interruptible,
     read_record,
+    volume_hash,
     write_record,
 )
 from recon.metrics import evaluate  # noqa: E402
@@ -302,14 +302,6 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def _prior_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def reconstruct_volume(dataset: FastMRISliceDataset, volume: int, items: Sequence[int], methods: Sequence[str],
                        params: dict[str, dict], oracle: bool, cache: dict[int, tuple[Sample, torch.Tensor]],
                        sizes: dict[Path, tuple[int, int] | None]) -> tuple[VolumeResult, dict[str, list[float]], list[float]]:
@@ -368,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
                 if "prior" in params[m]:
                     raise InputError(f"command line: key '--param {m}.prior' is not settable, expected --prior PATH.")
                 params[m]["prior"] = prior
-                hashed_params[m]["prior"] = _prior_sha256(args.prior)
+                hashed_params[m]["prior"] = file_sha256(args.prior)
 
     dataset = open_dataset(args, site, ranks)
     count = len(dataset) if args.max_slices is None else min(len(dataset), args.max_slices)
@@ -412,9 +404,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = 0
     for n, v, items in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
         info = dataset.volumes[v]
-        stat = info.path.stat()
-        digest = config_hash({**base, "file": info.path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                              "slices": [dataset.index[i][1] for i in items]})
+        digest = volume_hash(base, info.path, [dataset.index[i][1] for i in items])
         outputs = [args.out / "reconstructions" / m / info.path.name for m in methods]
         record_path = args.out / "records" / f"{info.path.name}.json"
         record = read_record(record_path, digest, outputs)
