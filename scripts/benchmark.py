@@ -335,10 +335,12 @@ def _markdown(rows, device: torch.device, repeats: int) -> str:
 THROUGHPUT_SITE = ["site.data.slices_per_subject={slices}", "site.data.num_subjects={volumes}"]
 
 
-def throughput(procs: list[int], volumes: int, slices: int, script: str, extra: list[str]) -> list[dict]:
+def throughput(procs: list[int], volumes: int, slices: int, script: str, extra: list[str],
+               threads: int | None = None) -> list[dict]:
     """Wall time of whole runs of ``script`` with each process count in ``procs`` (sequentially).
 
-    Every run gets ``OMP_NUM_THREADS = max(1, cores // N)``; outputs are compared with the first run's.
+    Every run gets ``OMP_NUM_THREADS = threads`` or, by default, ``max(1, cores // N)``; outputs are
+    compared with the first run's (bitwise only when the thread counts match).
     """
     import tempfile
 
@@ -362,7 +364,8 @@ def throughput(procs: list[int], volumes: int, slices: int, script: str, extra: 
                 args += [s for s in site]
             else:
                 args += [s[len("site."):] for s in site]
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+            per_process = threads or max(1, cores // n)
+            env = {**os.environ, "OMP_NUM_THREADS": str(per_process)}
             start = time.perf_counter()
             done = subprocess.run([*launcher, str(root / "scripts" / f"{script}.py"), *args], env=env,
                                   capture_output=True, text=True)
@@ -379,18 +382,19 @@ def throughput(procs: list[int], volumes: int, slices: int, script: str, extra: 
                 np.array_equal(images[k], reference[k]) for k in images)
             max_diff = max((float(np.abs(images[k] - reference[k]).max() / np.abs(reference[k]).max())
                             for k in images if k in reference), default=float("nan"))
-            rows.append({"procs": n, "threads": max(1, cores // n), "seconds": seconds,
+            rows.append({"procs": n, "threads": per_process, "seconds": seconds,
                          "slices_per_s": volumes * slices / seconds, "identical": same, "max_rel_diff": max_diff})
             print(f"{n} process(es): {seconds:.1f} s, {volumes * slices / seconds:.3f} slices/s", file=sys.stderr)
     return rows
 
 
-def _throughput_markdown(rows: list[dict], script: str, volumes: int, slices: int, extra: list[str]) -> str:
+def _throughput_markdown(rows: list[dict], script: str, volumes: int, slices: int, extra: list[str],
+                         threads: int | None = None) -> str:
     base = rows[0]["seconds"]
     head = (f"### throughput — {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{_dt.date.today().isoformat()}\n\n`scripts/{script}.py` on {volumes} simulated unseen_center volumes "
             f"of {slices} slices; command: `python scripts/benchmark.py throughput --script {script} --volumes "
-            f"{volumes} --slices {slices}" + (" -- " + " ".join(extra) if extra else "") + "`\n\n"
+            f"{volumes} --slices {slices}" + (f" --threads {threads}" if threads else "") + (" -- " + " ".join(extra) if extra else "") + "`\n\n"
             "| processes | threads each | wall s | slices/s | speed-up | outputs identical to 1 process |\n"
             "|---:|---:|---:|---:|---:|---|\n")
     return head + "".join(
@@ -430,13 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--volumes", type=int, default=4)
     t.add_argument("--slices", type=int, default=2, help="slices per volume")
     t.add_argument("--script", default="adapt", choices=["adapt", "reconstruct"])
+    t.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores // N)")
     t.add_argument("--record", type=Path, default=None, help="write the markdown table to this file")
     t.add_argument("extra", nargs="*", help="extra arguments / overrides for the script")
     args = parser.parse_args(argv)
     if args.command == "throughput":
         procs = [int(v) for v in args.procs.split(",")]
-        rows = throughput(procs, args.volumes, args.slices, args.script, args.extra)
-        table = _throughput_markdown(rows, args.script, args.volumes, args.slices, args.extra)
+        rows = throughput(procs, args.volumes, args.slices, args.script, args.extra, args.threads)
+        table = _throughput_markdown(rows, args.script, args.volumes, args.slices, args.extra, args.threads)
         print(table)
         if args.record is not None:
             write_text(args.record, table)
