@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recon.adapt.calibration import FrequencyCalibration
-from recon.adapt.selfsup import heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, detect_acs, heldout_loss, split_mask, theta_operator
 from recon.dc import prox
 from recon.errors import InputError
 from recon.operators import Sense, conjugate_gradient
@@ -81,6 +81,10 @@ class BiasReconSettings:
             the held-out loss is partly a training loss (it rewards passing the input through). "theta":
             one fixed calibration split (Θc, Λc), drawn with its own seed; the iterate is made consistent
             with ``y_Θc`` only and every θ-step is scored on ``y_Λc``, data it has never seen.
+        acs_auto: keep the mask's own fully sampled centre in Θ (:func:`recon.adapt.detect_acs`) instead
+            of the central ``acs_fraction``; the held-out entries then all lie outside the scan's
+            auto-calibration region, where the prior — not coil sensitivities — predicts them. A scan
+            that samples nothing outside its centre falls back to ``acs_fraction``.
     """
 
     num_steps: int = 20
@@ -101,6 +105,7 @@ class BiasReconSettings:
     cg_iters: int = 10
     seed: int = 0
     calib_iterate: str = "full"
+    acs_auto: bool = False
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or not (self.sigma_start > self.sigma_end > 0):
@@ -277,13 +282,21 @@ class BiasRecon:
         h, w = self.op.shape[-2:]
         if mask.dim() < 2:
             mask = mask.expand(h, w)
+
+        def one(m: torch.Tensor) -> KSpaceSplit:
+            acs: float | torch.Tensor = self.s.acs_fraction
+            if self.s.acs_auto:
+                centre = detect_acs(m)
+                if bool(((m != 0) & (centre == 0)).any()):  # else nothing outside it to hold out
+                    acs = centre
+            return split_mask(m, generator=generator, ratio=self.s.split_ratio, acs=acs)
+
         if mask.dim() == 2 or mask.shape[:-2].numel() == 1:
-            split = split_mask(mask.reshape(h, w), generator=generator, ratio=self.s.split_ratio, acs=self.s.acs_fraction)
+            split = one(mask.reshape(h, w))
             return split.theta, split.lam
         if mask.dim() != 4 or mask.shape[1] != 1:
             raise InputError(f"BiasRecon needs a mask of shape (H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
-        splits = [split_mask(m[0], generator=generator, ratio=self.s.split_ratio, acs=self.s.acs_fraction)
-                  for m in mask.expand(self.op.shape[0], 1, h, w)]
+        splits = [one(m[0]) for m in mask.expand(self.op.shape[0], 1, h, w)]
         return torch.stack([t.theta for t in splits])[:, None], torch.stack([t.lam for t in splits])[:, None]
 
     def _setup_validation(self) -> None:

@@ -76,7 +76,8 @@ def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_pat
     samples = [dataset[i] for i in range(min(max_slices, len(dataset)))]
     maps = [sensitivity_maps(s) for s in samples]
     targets = [s.target for s in samples]
-    maxvals = [float(s.max_value) / s.scale if s.max_value else float(s.target.max()) for s in samples]
+    # Sample.max_value is already on the normalised scale (the file's max / scale)
+    maxvals = [float(s.max_value) if s.max_value else float(s.target.max()) for s in samples]
     rows = []
 
     def record(method: str, images: list[torch.Tensor], seconds: float, params: str) -> None:

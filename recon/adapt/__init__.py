@@ -16,7 +16,7 @@ from recon.adapt.calibration import (
     radial_bands,
     save_profile,
 )
-from recon.adapt.selfsup import KSpaceSplit, acs_mask, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, acs_mask, detect_acs, heldout_loss, split_mask, theta_operator
 
 __all__ = [
     "MAX_VARIABLES",
@@ -30,6 +30,7 @@ __all__ = [
     "save_profile",
     "KSpaceSplit",
     "acs_mask",
+    "detect_acs",
     "heldout_loss",
     "split_mask",
     "theta_operator",

@@ -146,3 +146,59 @@ def test_bad_settings_and_shapes_are_refused():
         BiasReconSettings(adapt="everything")
     with pytest.raises(InputError, match="expected"):
         BiasRecon(BlurDenoiser(), op, y[..., :-1], BiasReconSettings(**SETTINGS))
+
+
+def test_theta_iterate_never_sees_the_heldout_calibration_data():
+    """calib_iterate="theta": the calibration's iterate is built from y_Θc alone, so changing y on Λc
+    leaves it unchanged (with "full" the earlier x-steps carry y_Λ into it: a leak). A vanishing learning
+    rate keeps γ ≈ 0, so that only the data path differs."""
+    op, y, _, _ = _problem()
+    st = BiasReconSettings(**{**SETTINGS, "lr": 1e-12, "theta_steps": 1}, adapt="gamma", calib_iterate="theta")
+    a = BiasRecon(BlurDenoiser(width=0.5), op, y, st)
+    lam_c = a.calib_lambda
+    assert float(lam_c.sum()) > 0 and not bool((a.calib_op.mask * lam_c).any()) and not bool((a.calib_y * lam_c).any())
+    b = BiasRecon(BlurDenoiser(width=0.5), op, y + 0.5 * lam_c * y, st)
+    for _ in range(2):
+        a.step(), b.step()
+    torch.testing.assert_close(a.x, b.x, rtol=1e-5, atol=1e-6)
+    leaky = BiasReconSettings(**{**SETTINGS, "lr": 1e-12, "theta_steps": 1}, adapt="gamma")
+    c, d = (BiasRecon(BlurDenoiser(width=0.5), op, yy, leaky) for yy in (y, y + 0.5 * lam_c * y))
+    for _ in range(2):
+        c.step(), d.step()
+    assert float((c.x - d.x).abs().max()) > 1e-3
+    for optimizer in (a, b, c, d):
+        optimizer.calibration.detach()
+
+
+def test_theta_iterate_calibrates_under_the_guard_and_calibrate_then_run_is_run():
+    op, y, _, _ = _problem()
+    st = BiasReconSettings(**SETTINGS, adapt="gamma", calib_iterate="theta")
+    fresh = BiasRecon(BlurDenoiser(width=0.5), op, y, st).run()
+    assert fresh.val_loss_best < 0.99 * fresh.val_loss_zero and bool(torch.count_nonzero(fresh.gamma))
+    split = BiasRecon(BlurDenoiser(width=0.5), op, y, st)
+    split.calibrate()  # mode site: fit γ once, guarded like run()
+    assert split.guarded and split.calibration.attached
+    torch.testing.assert_close(split.calibration.gamma.detach(), fresh.gamma, rtol=0, atol=0)
+    again = split.run()
+    torch.testing.assert_close(again.image, fresh.image, rtol=0, atol=0)
+    assert again.val_loss_best == fresh.val_loss_best and again.val_loss_zero == fresh.val_loss_zero
+    with pytest.raises(InputError, match="calib_iterate"):
+        BiasReconSettings(calib_iterate="heldout")
+
+
+def test_acs_auto_holds_out_only_entries_outside_the_scans_fully_sampled_centre():
+    op, y, _, _ = _problem()
+    st = BiasReconSettings(**{**SETTINGS, "acs_fraction": 0.01}, adapt="gamma", calib_iterate="theta", acs_auto=True)
+    br = BiasRecon(BlurDenoiser(width=0.5), op, y, st)
+    centre = (op.mask[0] != 0) & (torch.arange(W) >= W // 2 - 3) & (torch.arange(W) < W // 2 + 3)
+    for held in (br.calib_lambda, br.val_lambda):
+        assert float(held.sum()) > 0 and not bool((held.expand(H, W)[:, centre] != 0).any())
+    br.calibration.detach()
+    # a scan that samples only its centre (plus a line touching it) falls back to acs_fraction
+    cols = torch.zeros(W)
+    cols[W // 2 - 6: W // 2 + 6] = 1
+    narrow = Sense(op.sens_maps, cols.expand(H, W).clone())
+    st = BiasReconSettings(**{**SETTINGS, "acs_fraction": 0.1}, adapt="gamma", calib_iterate="theta", acs_auto=True)
+    br = BiasRecon(BlurDenoiser(width=0.5), narrow, narrow.A(narrow.A_adjoint(y)), st)
+    assert float(br.calib_lambda.sum()) > 0
+    br.calibration.detach()

@@ -6,7 +6,7 @@ import sigpy.mri
 import torch
 from torch import nn
 
-from recon.adapt import FrequencyCalibration, heldout_loss, split_mask, theta_operator
+from recon.adapt import FrequencyCalibration, detect_acs, heldout_loss, split_mask, theta_operator
 from recon.dc import prox
 from recon.errors import InputError
 from recon.masks import center_box, make_mask
@@ -66,6 +66,24 @@ def test_split_accepts_an_acs_mask_and_bool_input():
     assert torch.equal(theta + lam, mask.float())
     assert torch.equal(theta * acs, mask.float() * acs)
     assert int(lam.sum()) == round(0.5 * int((mask.float() * (1 - acs)).sum()))
+
+
+def test_detect_acs_finds_the_fully_sampled_centre():
+    mask, _ = make_mask("random_1d", (32, 64), 4.0, 0.125, seed=0)
+    acs = detect_acs(mask)
+    cols = torch.nonzero(acs[0]).flatten().tolist()
+    assert cols == list(range(cols[0], cols[-1] + 1)) and 32 in cols and len(cols) >= 8  # 0.125 · 64 = 8 lines
+    assert bool((mask[:, cols] == 1).all()) and not bool(mask[0, cols[0] - 1]) and not bool(mask[0, cols[-1] + 1])
+    assert torch.equal(acs, acs[:1].expand_as(acs))
+    box = detect_acs(make_mask("poisson_2d", (48, 40), 4.0, 0.1, seed=0)[0])
+    assert bool((box <= make_mask("poisson_2d", (48, 40), 4.0, 0.1, seed=0)[0]).all())
+    assert bool((box >= center_box((48, 40), 0.1)).all())
+    assert int(detect_acs(torch.zeros(8, 8)).sum()) == 0
+    # held out entries then all lie outside the centre
+    split = split_mask(mask, generator=_gen(2), ratio=0.5, acs=acs)
+    assert not bool((split.lam * acs).any())
+    with pytest.raises(InputError, match="detect_acs"):
+        detect_acs(torch.zeros(2, 8, 8))
 
 
 def test_split_rejects_bad_input():
