@@ -158,9 +158,9 @@ class BiasReconSection:
     sigma_end: float = 0.01
     eta: float = 1.0
     adapt: str = "gamma"
-    theta_steps: int = 1
-    adapt_fraction: float = 0.5
-    lr: float = 2e-2
+    theta_steps: int = 4
+    adapt_fraction: float = 0.7
+    lr: float = 5e-2
     split_ratio: float = 0.4
     acs_fraction: float = 0.08
     lam: float = 0.01
@@ -170,6 +170,8 @@ class BiasReconSection:
     sure_epsilon: float = 0.1
     cg_iters: int = 10
     seed: int = 0
+    calib_iterate: str = "theta"
+    acs_auto: bool = True
 
 
 @dataclass
@@ -317,6 +319,7 @@ def method_settings(config: AdaptConfig, method: str) -> BiasReconSettings:
         sure=bool(b.sure), lam_grid=tuple(float(v) for v in b.lam_grid),
         noise_sigma=None if b.noise_sigma is None else float(b.noise_sigma),
         sure_epsilon=float(b.sure_epsilon), cg_iters=int(b.cg_iters), seed=int(b.seed),
+        calib_iterate=b.calib_iterate, acs_auto=bool(b.acs_auto),
     )
     return replace(settings, **METHODS[method])
 
@@ -478,8 +481,7 @@ def calibrate_site(prior: LoadedPrior, config: AdaptConfig, source: SliceSource,
     start = time.perf_counter()
     optimizer = BiasRecon(prior.model, batch.op, batch.kspace, settings, calibration=calibration)
     try:
-        for _ in tqdm(range(optimizer.adapt_steps), desc="site calibration", unit="step", disable=None, leave=False):
-            optimizer.step()
+        optimizer.calibrate(progress=True)  # every calibration step, then the chain-level guard
     finally:
         calibration.detach()
     return SiteCalibration(
