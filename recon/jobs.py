@@ -18,15 +18,18 @@ import hashlib
 import json
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from recon.atomic import write_text
+from recon.data.fastmri_io import write_reconstructions
 from recon.errors import InputError
 
 __all__ = [
@@ -35,6 +38,8 @@ __all__ = [
     "config_hash",
     "file_sha256",
     "volume_hash",
+    "VolumesDone",
+    "run_volumes",
     "read_record",
     "write_record",
     "Interrupted",
@@ -146,6 +151,60 @@ def read_record(path: Path, expected_hash: str, outputs: Sequence[Path]) -> dict
 def write_record(path: Path, record: dict) -> None:
     """Write a volume's record atomically (after its outputs: the record marks the volume done)."""
     write_text(path, json.dumps(record, indent=1, sort_keys=True, default=float) + "\n")
+
+
+@dataclass
+class VolumesDone:
+    """What :func:`run_volumes` returns on rank 0.
+
+    Attributes:
+        records: every volume's record, in dataset order (computed now or read back).
+        skipped: slices whose volume an earlier run had finished with the same config hash.
+        timings: the ``compute`` timings of the volumes computed now, over all ranks.
+    """
+
+    records: list[dict]
+    skipped: int
+    timings: list[float]
+
+
+def run_volumes(ranks: Ranks, volumes: Sequence[tuple[Path, Sequence[int]]], settings: dict, out: Path,
+                methods: Sequence[str],
+                compute: Callable[[int], tuple[dict[str, np.ndarray], dict, list[float]]]) -> VolumesDone | None:
+    """This rank's share of the volumes, each skipped when done, else computed, written and recorded.
+
+    ``volumes[k]`` is ``(input path, slice indices)`` in dataset order; rank ``r`` takes ``k ≡ r mod N``.
+    ``compute(k)`` returns ``({method: (slices, h, w) volume}, record facts, timings)``; the volumes are
+    written as ``out/reconstructions/<method>/<file>`` (atomically), then the record
+    ``out/records/<file>.json`` with the volume's config hash (:func:`volume_hash`) and ``file``.
+
+    Returns:
+        On rank 0 every rank's records gathered (:class:`VolumesDone`); ``None`` on the other ranks.
+    """
+    local: list[tuple[int, dict]] = []
+    skipped, timings = 0, []
+    mine = [k for k in range(len(volumes)) if ranks.owns(k)]
+    for k in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
+        path, slices = volumes[k]
+        digest = volume_hash(settings, path, slices)
+        outputs = {m: out / "reconstructions" / m / path.name for m in methods}
+        record_path = out / "records" / f"{path.name}.json"
+        record = read_record(record_path, digest, list(outputs.values()))
+        if record is None:
+            images, facts, spent = compute(k)
+            for method, volume in images.items():
+                write_reconstructions(outputs[method].parent, path.name, volume)
+            record = {"config_hash": digest, "file": path.name, **facts}
+            write_record(record_path, record)
+            timings.extend(spent)
+        else:
+            skipped += len(slices)
+        local.append((k, record))
+    gathered = ranks.all_gather((local, skipped, timings))
+    if not ranks.is_main:
+        return None
+    ordered = sorted((pair for part, _, _ in gathered for pair in part), key=lambda pair: pair[0])
+    return VolumesDone([r for _, r in ordered], sum(g[1] for g in gathered), [t for g in gathered for t in g[2]])
 
 
 class Interrupted(BaseException):

@@ -78,7 +78,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -87,7 +86,7 @@ from recon.adapt import FrequencyCalibration, apply_profile, save_profile  # noq
 from recon.atomic import write_bytes  # noqa: E402
 from recon.baselines import center_crop, sensitivity_maps  # noqa: E402
 from recon.biasrecon import BiasRecon, BiasReconResult, BiasReconSettings  # noqa: E402
-from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset, write_reconstructions  # noqa: E402
+from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset  # noqa: E402
 from recon.data.sites import SiteConfig  # noqa: E402
 from recon.errors import InputError  # noqa: E402
 from recon.jobs import (  # noqa: E402
@@ -99,9 +98,7 @@ from recon.jobs import (  # noqa: E402
     init_ranks,
     interruptible,
     is_inside,
-    read_record,
-    volume_hash,
-    write_record,
+    run_volumes,
 )
 from recon.metrics import evaluate, psnr  # noqa: E402
 from recon.operators import Sense  # noqa: E402
@@ -1000,38 +997,23 @@ def run(args: argparse.Namespace) -> int:
     batches = plan_batches(dataset.index, count, config.batch_size)
     if plan.shared is None and config.mode == "site" and plan.gamma_methods:
         plan.shared = share_site_calibration(plan, source, count)
-    base = run_hash(args, plan)
 
-    mine = [(n, v, items) for n, (v, items) in enumerate(volumes.items()) if ranks.owns(n)]
-    records: list[tuple[int, dict]] = []
-    skipped = 0
-    map_seconds = 0.0
-    for n, v, items in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
-        name = dataset.volumes[v].path.name
-        digest = volume_hash(base, dataset.volumes[v].path, [dataset.index[i][1] for i in items])
-        outputs = [out / "reconstructions" / m / name for m in config.methods]
-        record = read_record(out / "records" / f"{name}.json", digest, outputs)
-        if record is None:
-            results, samples, seconds = reconstruct(plan.prior, config, source,
-                                                    [b for b in batches if b[0] in items], plan.shared)
-            map_seconds += seconds
-            for method, result in results.items():
-                write_reconstructions(out / "reconstructions" / method, name,
-                                      np.stack([result.images[i] for i in items]))
-            record = {"config_hash": digest, "file": name, "items": list(items),
-                      "slices": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in items],
-                      **volume_record(results, _stored_target(dataset, v, items), items)}
-            write_record(out / "records" / f"{name}.json", record)
-        else:
-            skipped += len(items)
-        records.append((n, record))
-    gathered = ranks.all_gather((records, skipped, map_seconds))
-    if not ranks.is_main:
+    order = list(volumes.items())
+
+    def compute(k: int) -> tuple[dict[str, np.ndarray], dict, list[float]]:
+        v, items = order[k]
+        results, samples, seconds = reconstruct(plan.prior, config, source, [b for b in batches if b[0] in items],
+                                                plan.shared)
+        images = {method: np.stack([r.images[i] for i in items]) for method, r in results.items()}
+        facts = {"items": list(items), "slices": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in items],
+                 **volume_record(results, _stored_target(dataset, v, items), items)}
+        return images, facts, [seconds]
+
+    done = run_volumes(ranks, [(dataset.volumes[v].path, [dataset.index[i][1] for i in items]) for v, items in order],
+                       run_hash(args, plan), out, config.methods, compute)
+    if done is None:
         return 0
-
-    volume_records = [r for _, r in sorted((p for part, _, _ in gathered for p in part), key=lambda p: p[0])]
-    skipped = sum(g[1] for g in gathered)
-    map_seconds = sum(g[2] for g in gathered)
+    volume_records, skipped, map_seconds = done.records, done.skipped, sum(done.timings)
     metrics = compute_metrics(volume_records, count, plan.shared, plan.gamma_methods)
     first = volume_records[0]
     first_batch = batches[0]

@@ -82,7 +82,7 @@ from recon.baselines import (  # noqa: E402
     sensitivity_maps,
     tune_lambda,
 )
-from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset, write_reconstructions  # noqa: E402
+from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset  # noqa: E402
 from scores.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
 
 DEFAULT_PRIOR = Path(__file__).resolve().parents[1] / "scores" / "weights" / "source_brain.safetensors"
@@ -97,9 +97,7 @@ from recon.jobs import (  # noqa: E402
     file_sha256,
     init_ranks,
     interruptible,
-    read_record,
-    volume_hash,
-    write_record,
+    run_volumes,
 )
 from recon.metrics import evaluate  # noqa: E402
 from recon.operators import Sense  # noqa: E402
@@ -399,34 +397,22 @@ def run(args: argparse.Namespace) -> int:
             "oracle_maps": args.oracle_maps, "data": None if args.data is None else str(args.data.resolve())}
     sizes: dict[Path, tuple[int, int] | None] = {}
     _warm_up()
-    mine = [(n, v, items) for n, (v, items) in enumerate(volumes.items()) if ranks.owns(n)]
-    records: list[tuple[int, dict]] = []
-    skipped = 0
-    for n, v, items in tqdm(mine, desc="volumes", unit="volume", disable=None if ranks.is_main else True):
-        info = dataset.volumes[v]
-        digest = volume_hash(base, info.path, [dataset.index[i][1] for i in items])
-        outputs = [args.out / "reconstructions" / m / info.path.name for m in methods]
-        record_path = args.out / "records" / f"{info.path.name}.json"
-        record = read_record(record_path, digest, outputs)
-        if record is not None:
-            skipped += len(items)
-        else:
-            result, seconds, maps_s = reconstruct_volume(dataset, v, items, methods, params, args.oracle_maps,
-                                                         cache, sizes)
-            map_seconds.extend(maps_s)
-            for m in methods:
-                write_reconstructions(args.out / "reconstructions" / m, info.path.name, np.stack(result.images[m]))
-            record = {"config_hash": digest, "file": info.path.name, "slices": result.slices,
-                      "methods": {m: {"metrics": volume_metrics(result, m), "seconds": seconds[m]} for m in methods}}
-            write_record(record_path, record)
-        records.append((n, record))
-    gathered = ranks.all_gather((records, skipped, map_seconds))
-    if not ranks.is_main:
-        return 0
+    order = list(volumes.items())
 
-    volume_records = [r for _, r in sorted((p for part, _, _ in gathered for p in part), key=lambda p: p[0])]
-    skipped = sum(g[1] for g in gathered)
-    map_seconds = [t for g in gathered for t in g[2]]
+    def compute(k: int) -> tuple[dict[str, np.ndarray], dict, list[float]]:
+        v, items = order[k]
+        result, seconds, maps_s = reconstruct_volume(dataset, v, items, methods, params, args.oracle_maps, cache,
+                                                     sizes)
+        facts = {"slices": result.slices,
+                 "methods": {m: {"metrics": volume_metrics(result, m), "seconds": seconds[m]} for m in methods}}
+        return {m: np.stack(result.images[m]) for m in methods}, facts, maps_s
+
+    done = run_volumes(ranks, [(dataset.volumes[v].path, [dataset.index[i][1] for i in items]) for v, items in order],
+                       base, args.out, methods, compute)
+    if done is None:
+        return 0
+    volume_records, skipped = done.records, done.skipped
+    map_seconds = map_seconds + done.timings  # the maps of --tune (read once), then those of the volumes
     metrics: dict[str, dict] = {}
     for m in methods:
         per_volume = [r["methods"][m]["metrics"] for r in volume_records if r["methods"][m]["metrics"] is not None]
