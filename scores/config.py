@@ -86,15 +86,25 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     mixed_precision: bool = False  # bf16 autocast, CUDA only
+    patch_size: Optional[int] = None  # train on random square crops of this side (a fully convolutional prior)
 
 
 @dataclass
 class DataConfig:
-    """Which training images (read by scripts/train_score.py through recon.data.sites)."""
+    """Which training images (read by scripts/train_score.py through recon.data).
+
+    A site (``site``; its ``split`` for image-stack sites, ``copies`` phase draws per slice), or a
+    folder of fastMRI h5 files whose targets are the images (``folder``); ``val_split`` names the
+    site's split whose denoising loss is logged at every checkpoint (``null``: none).
+    """
 
     site: str = "source_brain"
     num_slices: Optional[int] = None
     seed: int = 0
+    split: str = "train"
+    val_split: Optional[str] = None
+    copies: int = 1
+    folder: Optional[str] = None
 
 
 @dataclass
@@ -129,6 +139,7 @@ def _validate(cfg: PriorConfig, source: str) -> PriorConfig:
         ("train", "lr"),
         ("train", "checkpoint_every"),
         ("train", "log_every"),
+        ("data", "copies"),
     ]
     for section, key in positive:
         value = getattr(getattr(cfg, section), key)
@@ -140,6 +151,8 @@ def _validate(cfg: PriorConfig, source: str) -> PriorConfig:
         raise ConfigError(f"{source}: key 'sde.sigma_max' must be larger than 'sde.sigma_min'.")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"{source}: key 'train.ema_decay' must be in [0, 1).")
+    if cfg.train.patch_size is not None and cfg.train.patch_size < 8:
+        raise ConfigError(f"{source}: key 'train.patch_size' is {cfg.train.patch_size}, expected null or an integer >= 8.")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"{source}: key 'train.betas' must be a list of two numbers.")
     return cfg

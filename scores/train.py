@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -48,6 +49,8 @@ __all__ = [
     "edm_weight",
     "sample_training_sigmas",
     "augment_dihedral",
+    "random_crops",
+    "validation_loss",
     "TrainResult",
     "train",
     "CHECKPOINT_NAME",
@@ -58,6 +61,9 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.safetensors"
 STATE_NAME = "training_state.safetensors"
 LOSS_LOG_NAME = "loss.csv"
+VAL_LOG_NAME = "val_loss.csv"
+VAL_SIGMAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""Noise levels of the validation loss: the range a reconstruction's sampler walks through."""
 _SEED_STRIDE = 1_000_003  # step seeds: seed * stride + step
 
 
@@ -166,6 +172,28 @@ def augment_dihedral(
     return x
 
 
+@torch.no_grad()
+def validation_loss(model: nn.Module, images: Tensor, sigma_data: float, sigmas: tuple[float, ...] = VAL_SIGMAS,
+                    seed: int = 0, batch: int = 4) -> float:
+    """Denoising loss of whole validation images at fixed noise levels, with a fixed noise draw.
+
+    Maths: ``mean_{i, s} w(s) mean_{pixels, re/im} |D(x_i + s z_{i,s}, s) − x_i|²`` over ``s ∈ sigmas``
+    (``w`` from :func:`edm_weight`), ``z`` from a generator seeded with ``seed``: the same number for
+    the same model, so checkpoints compare.
+    Shape: ``images`` complex ``(N, 1, H, W)`` → a float.
+    """
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    total, count = 0.0, 0
+    for s in sigmas:
+        for start in range(0, images.shape[0], batch):
+            x0 = images[start:start + batch]
+            noise = complex_noise(x0.shape, gen, images.device)
+            sigma = torch.full((x0.shape[0],), float(s), device=images.device)
+            total += float(dsm_loss_per_sample(model, x0, sigma, noise, sigma_data).sum())
+            count += x0.shape[0]
+    return total / count
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the EMA model, the step reached and where outputs are."""
@@ -176,6 +204,7 @@ class TrainResult:
     checkpoint: Path
     losses: list[tuple[int, float]]
     stopped_by_time_limit: bool
+    val_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
@@ -257,11 +286,14 @@ def _save_sample_grid(path: Path, samples: Tensor) -> None:
     _atomic_write_bytes(path, _figure_png(draw, (1.6 * cols, 1.6 * rows)))
 
 
-def _save_loss_curve(path: Path, losses: list[tuple[int, float]]) -> None:
+def _save_loss_curve(path: Path, losses: list[tuple[int, float]], val_losses: list[tuple[int, float]]) -> None:
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
         if losses:
-            ax.plot([s for s, _ in losses], [v for _, v in losses])
+            ax.plot([s for s, _ in losses], [v for _, v in losses], label="training batches")
+        if val_losses:
+            ax.plot([s for s, _ in val_losses], [v for _, v in val_losses], "o-", label="validation (EMA, fixed noise)")
+            ax.legend()
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("DSM loss (EDM-weighted)")
@@ -280,6 +312,22 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> No
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
 
 
+def random_crops(images: Tensor, index: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
+    """Square crops at uniformly random positions, one per drawn image.
+
+    Maths: crop ``b`` is ``images[index_b, :, r_b : r_b + P, c_b : c_b + P]``, ``r_b ~ U{0..H−P}``,
+    ``c_b ~ U{0..W−P}``.
+    Shape: ``images`` ``(N, C, H, W)``, ``index`` ``(B,)`` → ``(B, C, P, P)``, ``P = size ≤ min(H, W)``.
+    """
+    height, width = images.shape[-2:]
+    if size > min(height, width):
+        raise ValueError(f"train.patch_size={size} is larger than the training images ({height} x {width}).")
+    rows = torch.randint(0, height - size + 1, (index.shape[0],), generator=generator, device=images.device)
+    cols = torch.randint(0, width - size + 1, (index.shape[0],), generator=generator, device=images.device)
+    return torch.stack([images[i, :, r:r + size, c:c + size] for i, r, c in zip(index.tolist(), rows.tolist(),
+                                                                               cols.tolist())])
+
+
 def _global_batch(
     images: Tensor, step: int, cfg: PriorConfig, schedule_range: tuple[float, float]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -288,7 +336,8 @@ def _global_batch(
     gen = torch.Generator(device=images.device)
     gen.manual_seed(t.seed * _SEED_STRIDE + step)
     index = torch.randint(0, images.shape[0], (t.batch_size,), generator=gen, device=images.device)
-    x0 = augment_dihedral(images[index], gen, flips=t.augment_flips, rotations=t.augment_rotations)
+    drawn = images[index] if t.patch_size is None else random_crops(images, index, t.patch_size, gen)
+    x0 = augment_dihedral(drawn, gen, flips=t.augment_flips, rotations=t.augment_rotations)
     sigma = sample_training_sigmas(
         t.batch_size, gen, sigma_min=schedule_range[0], sigma_max=schedule_range[1], sampling=t.sigma_sampling,
         p_mean=t.p_mean, p_std=t.p_std, device=images.device,
@@ -313,6 +362,7 @@ def train(
     time_limit: float | None = None,
     resume: bool = True,
     progress: bool = True,
+    val_images: Tensor | None = None,
 ) -> TrainResult:
     """Train a ScoreModel by denoising score matching on normalised complex images.
 
@@ -322,7 +372,7 @@ def train(
 
     Writes to ``out_dir`` (rank 0 only, every file atomically): ``checkpoint.safetensors`` (EMA weights +
     metadata), ``training_state.safetensors`` (for resume), ``samples_step<k>.png`` at each checkpoint,
-    ``loss.csv`` and, at the end, ``loss_curve.png``.
+    ``loss.csv`` (and ``val_loss.csv``) and, at the end, ``loss_curve.png``.
 
     Args:
         config: the full prior config (network, sde, train; data is only recorded).
@@ -332,17 +382,21 @@ def train(
         time_limit: seconds of wall time after which training stops cleanly and saves.
         resume: continue from ``out_dir/training_state.safetensors`` if present.
         progress: tqdm progress bar on rank 0.
+        val_images: complex ``(M, 1, H', W')`` validation images (whole slices): at every checkpoint the
+            EMA model's :func:`validation_loss` is logged to ``val_loss.csv`` and stored in the metadata.
 
     Returns:
         A :class:`TrainResult` with the EMA model (eval mode) and the step reached.
 
     Raises:
-        ValueError: bad images or a batch size not divisible by the number of processes.
+        ValueError: bad images, a patch larger than them, or a batch size not divisible by the number of processes.
         CheckpointError: a training state to resume from that belongs to other data or another network.
     """
     start = time.monotonic()
     _check_images(images)
     cfg, t = config, config.train
+    if t.patch_size is not None and t.patch_size > min(images.shape[-2:]):
+        raise ValueError(f"train.patch_size={t.patch_size} is larger than the training images {tuple(images.shape[-2:])}.")
     rank, world, local_rank, created_group = _init_distributed(t.device)
     try:
         device = _resolve_device(t.device, local_rank)
@@ -382,6 +436,13 @@ def train(
             meta = load_training_state(state_path, model, ema, optimizer)
             step = int(meta["step"])
         losses = _read_loss_log(log_path, step) if rank == 0 else []
+        val_path = out / VAL_LOG_NAME
+        val_losses = _read_loss_log(val_path, step) if rank == 0 and val_images is not None else []
+        if val_images is not None:
+            _check_images(val_images)
+            val_images = val_images.to(device=device, dtype=torch.complex64)
+        started = time.monotonic()
+        seconds_before = float(read_metadata(state_path).get("train_seconds", 0.0)) if step else 0.0
 
         net: nn.Module = model
         if world > 1:
@@ -396,7 +457,13 @@ def train(
         def save(at_step: int) -> None:
             if rank != 0:
                 return
-            meta = {**extra, "config": config_dict, "step": at_step, "data_hash": digest}
+            meta = {**extra, "config": config_dict, "step": at_step, "data_hash": digest,
+                    "train_seconds": round(seconds_before + time.monotonic() - started, 1)}
+            if val_images is not None:
+                if not val_losses or val_losses[-1][0] != at_step:
+                    val_losses.append((at_step, validation_loss(ema, val_images, model.sigma_data, seed=t.seed)))
+                meta["val_loss"] = val_losses[-1][1]
+                _write_loss_log(val_path, val_losses)
             save_training_state(state_path, model, ema, optimizer, meta)
             save_checkpoint(ckpt_path, ema, meta)
             _write_loss_log(log_path, losses)
@@ -456,10 +523,10 @@ def train(
             flush_window()
         if rank == 0:
             save(step)
-            _save_loss_curve(out / "loss_curve.png", losses)
+            _save_loss_curve(out / "loss_curve.png", losses, val_losses)
         if world > 1:
             dist.barrier()
-        return TrainResult(ema, step, out, ckpt_path, losses, stopped)
+        return TrainResult(ema, step, out, ckpt_path, losses, stopped, val_losses)
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -3,12 +3,21 @@
     python scripts/train_score.py --config configs/prior/source_brain.yaml --out runs/prior [train.steps=2000 ...]
     torchrun --nproc_per_node=N scripts/train_score.py --config ... --out ...     # data-parallel (DDP)
 
-Images come from the site simulator (``recon.data.sites.training_images`` with ``data.site``,
-``data.num_slices`` and ``data.seed``), already normalised as the prior expects, or from
-``--images FILE.npy``: a complex array ``(N, H, W)`` or ``(N, 1, H, W)`` normalised the same way.
-Writes into ``--out``: ``checkpoint.safetensors`` (EMA weights + metadata: config, step, data hash,
-git commit), ``training_state.safetensors`` (resume), sample grids, ``loss.csv``, ``loss_curve.png``
-and ``config.yaml``. Re-running with the same ``--out`` resumes from the saved step.
+Images, already normalised as the prior expects (the one normalisation of recon.data.normalize):
+
+* a site (``data.site``): simulated anatomy (``data.num_slices``, ``data.seed``), or an image-stack
+  site's split ``data.split`` (every slice, ``data.copies`` phase draws each) — e.g. the real knees of
+  ``stanford_knee`` (``recon.data.sites.training_images``); ``data.val_split`` names the split whose
+  denoising loss is logged at each checkpoint;
+* ``data.folder``: a folder of fastMRI h5 files, whose targets are the images
+  (``recon.data.images.target_images``);
+* ``--images FILE.npy``: a complex array ``(N, H, W)`` or ``(N, 1, H, W)`` normalised the same way.
+
+``train.patch_size`` trains on random square crops (a fully convolutional network then reconstructs
+whole slices at their own matrix). Writes into ``--out``: ``checkpoint.safetensors`` (EMA weights +
+metadata: config, step, data hash and source, training seconds, validation loss, git commit),
+``training_state.safetensors`` (resume), sample grids, ``loss.csv``, ``val_loss.csv``,
+``loss_curve.png`` and ``config.yaml``. Re-running with the same ``--out`` resumes from the saved step.
 ``--time-limit SECONDS`` stops training cleanly (and saves) once that much wall time has passed.
 Bad input prints ``error: <message>`` and exits with status 2, writing nothing.
 """
@@ -70,11 +79,23 @@ def load_images_file(path: Path) -> torch.Tensor:
     return images[:, None] if images.ndim == 3 else images
 
 
-def site_images(cfg: PriorConfig) -> torch.Tensor:
-    """Training images of ``cfg.data.site`` from the site simulator."""
+def training_data(cfg: PriorConfig) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Training images, validation images (or None) and a description of their source.
+
+    Shape: complex64 ``(N, 1, H, W)`` and ``(M, 1, H', W')``.
+    """
+    from recon.data.images import target_images
     from recon.data.sites import load_site, training_images
 
-    return training_images(load_site(cfg.data.site), num_slices=cfg.data.num_slices, seed=cfg.data.seed)
+    d = cfg.data
+    if d.folder is not None:
+        images = torch.from_numpy(target_images(d.folder, copies=d.copies, seed=d.seed))[:, None]
+        return images, None, f"folder:{d.folder}"
+    site = load_site(d.site)
+    images = training_images(site, num_slices=d.num_slices, seed=d.seed, split=d.split, copies=d.copies)
+    val = None if d.val_split is None else training_images(site, seed=d.seed, split=d.val_split)
+    source = f"site:{d.site}" + (f" split {d.split} ({site.anatomy.path})" if site.anatomy.source == "images" else "")
+    return images, val, source
 
 
 def write_config(path: Path, cfg: PriorConfig) -> None:
@@ -108,12 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(
                 f"command line: key '--time-limit' is {args.time_limit}, expected a positive number of seconds."
             )
-        images = load_images_file(args.images) if args.images is not None else site_images(cfg)
+        if args.images is not None:
+            images, val_images, source = load_images_file(args.images), None, str(args.images)
+        else:
+            images, val_images, source = training_data(cfg)
+        patch = cfg.train.patch_size
+        if patch is not None and patch > min(images.shape[-2:]):
+            raise InputError(f"{args.config}: key 'train.patch_size' is {patch}, expected at most the training "
+                             f"images' smaller side ({tuple(images.shape[-2:])}).")
         remaining = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
-        source = str(args.images) if args.images is not None else f"site:{cfg.data.site}"
         result = train(
             cfg, images, args.out, metadata={"git_commit": git_commit(), "data_source": source},
-            time_limit=remaining, resume=not args.no_resume, progress=not args.no_progress,
+            time_limit=remaining, resume=not args.no_resume, progress=not args.no_progress, val_images=val_images,
         )
     except (InputError, ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -122,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         write_config(args.out / "config.yaml", cfg)
         why = " (time limit)" if result.stopped_by_time_limit else ""
         last = f", last logged loss {result.losses[-1][1]:.4g}" if result.losses else ""
+        last += f", validation loss {result.val_losses[-1][1]:.4g}" if result.val_losses else ""
         print(f"trained to step {result.step}{why}{last}; wrote {result.checkpoint}")
     return 0
 

@@ -60,12 +60,13 @@ def canonical(value: Any) -> str:
 
 
 def schema_leaves(schema: type) -> dict[str, Any]:
-    """``{dotted key: default}`` of every leaf of a structured-config dataclass (lists are leaves)."""
+    """``{dotted key: default}`` of every leaf of a structured-config dataclass (lists and empty dicts,
+    such as a site's ``data.splits``, are leaves)."""
     leaves: dict[str, Any] = {}
 
     def walk(node: dict, prefix: str) -> None:
         for key, value in node.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 walk(value, f"{prefix}{key}.")
             else:
                 leaves[f"{prefix}{key}"] = value

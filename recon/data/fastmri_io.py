@@ -4,6 +4,9 @@ Reading: :class:`FastMRISliceDataset` turns a folder of fastMRI-format h5 files 
 ``kspace`` ``(slices, coils, H, W)`` or single-coil ``(slices, H, W)``; optional ``mask``,
 ``reconstruction_rss`` / ``reconstruction_esc``, ``sens_maps``, ``ismrmrd_header``; attributes
 ``acquisition``, ``max``, ``norm``, ``noise_sigma``) into normalised :class:`~recon.data.Sample`\\ s.
+Simulated files also hold ``reconstruction_clean`` (:data:`REFERENCE_KEY`): the magnitude of the
+image before simulated noise, so results can be scored against the clean reference as well as
+against fastMRI's target (the RSS of the noisy fully sampled data).
 
 * Fully sampled files (every encoded k-space entry measured) are undersampled retrospectively
   with the dataset's mask, seeded per file and slice (:func:`slice_mask_seed`).
@@ -58,7 +61,11 @@ __all__ = [
     "write_kspace_volume",
     "write_reconstructions",
     "atomic_h5",
+    "REFERENCE_KEY",
 ]
+
+REFERENCE_KEY = "reconstruction_clean"
+"""Dataset of the clean reference ``(slices, H, W)`` float32: RSS of the noiseless coil images."""
 
 ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
 
@@ -198,7 +205,8 @@ class VolumeInfo:
 
     Shape: ``kspace_shape`` ``(slices, coils, H, W)`` (single-coil files report ``coils = 1``);
     ``encoded`` ``(W,)`` float32 1 on the encoded phase-encoding columns; ``recon_size`` the
-    header's ``reconSpace`` matrix ``(x, y)`` (fastMRI crops reconstructions to it), or ``None``.
+    header's ``reconSpace`` matrix ``(x, y)`` (fastMRI crops reconstructions to it), or ``None``;
+    ``has_reference``: the file holds the clean reference :data:`REFERENCE_KEY` (simulated files).
     """
 
     path: Path
@@ -210,6 +218,7 @@ class VolumeInfo:
     encoded: torch.Tensor
     recon_size: tuple[int, int] | None
     attrs: dict
+    has_reference: bool = False
 
 
 def _header(hf: h5py.File, path: Path, width: int) -> tuple[int, int, tuple[int, int] | None]:
@@ -287,13 +296,14 @@ def _inspect(hf: h5py.File, path: Path, where: list[str]) -> VolumeInfo:
     keys = ["reconstruction_rss", "reconstruction_esc"] if multicoil else ["reconstruction_esc", "reconstruction_rss"]
     where[0] = keys[0]
     target_key = next((k for k in keys if k in hf), None)
-    if target_key is not None:
-        where[0] = target_key
-        target = _dataset(hf, target_key, path)
+    has_reference = REFERENCE_KEY in hf
+    for key in ([target_key] if target_key else []) + ([REFERENCE_KEY] if has_reference else []):
+        where[0] = key
+        target = _dataset(hf, key, path)
         if (target.dtype.kind not in "fiu" or target.ndim != 3 or target.shape[0] != slices
                 or not all(1 <= s <= MAX_MATRIX for s in target.shape[1:])):
             raise InputError(
-                f"{path}: key '{target_key}' must be a real volume of shape ({slices}, H, W) with H and W in "
+                f"{path}: key '{key}' must be a real volume of shape ({slices}, H, W) with H and W in "
                 f"[1, {MAX_MATRIX}], got {target.dtype} of shape {target.shape}."
             )
 
@@ -309,7 +319,7 @@ def _inspect(hf: h5py.File, path: Path, where: list[str]) -> VolumeInfo:
     for name in ("max", "noise_sigma"):
         _attribute(attrs, name, path)
     return VolumeInfo(path, shape, multicoil, target_key, mask is not None, maps is not None, encoded, recon_size,
-                      attrs)
+                      attrs, has_reference)
 
 
 def read_volume_info(path: str | os.PathLike) -> VolumeInfo:
@@ -452,6 +462,8 @@ class FastMRISliceDataset(Dataset):
                 file_mask = np.asarray(hf["mask"]) if info.has_mask else None
                 key = str(info.target_key)
                 target = np.asarray(hf[info.target_key][slice_idx]) if info.target_key else None
+                key = REFERENCE_KEY
+                reference = np.asarray(hf[REFERENCE_KEY][slice_idx]) if info.has_reference else None
                 key = "sens_maps"
                 maps = None
                 if info.has_sens_maps:
@@ -464,8 +476,9 @@ class FastMRISliceDataset(Dataset):
                 f"(the file is corrupted, truncated or changed since it was opened)."
             ) from None
         kspace = check_kspace(kspace if info.multicoil else kspace[None], source)  # NaN / Inf, naming the path
-        if target is not None and not np.isfinite(target).all():
-            raise InputError(f"{source}: key '{info.target_key}' contains NaN or Inf values, expected a finite magnitude image.")
+        for key, image in ((info.target_key, target), (REFERENCE_KEY, reference)):
+            if image is not None and not np.isfinite(image).all():
+                raise InputError(f"{source}: key '{key}' contains NaN or Inf values, expected a finite magnitude image.")
         if maps is not None and not bool(torch.isfinite(torch.view_as_real(maps)).all()):
             raise InputError(f"{source}: key 'sens_maps' contains NaN or Inf values, expected finite sensitivity maps.")
         if file_mask is not None:
@@ -492,6 +505,7 @@ class FastMRISliceDataset(Dataset):
             max_value=attrs.get("max"),
             noise_sigma=attrs.get("noise_sigma"),
             box_fraction=self.box_fraction,
+            reference=reference,
         )
 
 
@@ -504,13 +518,15 @@ def write_kspace_volume(
     mask: np.ndarray | None = None,
     header: bytes | None = None,
     attrs: dict | None = None,
+    reference: np.ndarray | None = None,
 ) -> Path:
     """Write one fastMRI-format multi-coil input file atomically and reproducibly.
 
     Maths: none. Datasets are written without timestamps, so equal inputs give equal bytes.
 
     Shape: ``kspace`` ``(slices, coils, H, W)`` complex64; ``target`` ``(slices, H, W)`` float32
-    (stored as ``reconstruction_rss``); ``sens_maps`` like ``kspace``; ``mask`` ``(W,)`` or ``(H, W)``.
+    (stored as ``reconstruction_rss``); ``reference`` ``(slices, H, W)`` float32 (the clean reference,
+    stored as :data:`REFERENCE_KEY`); ``sens_maps`` like ``kspace``; ``mask`` ``(W,)`` or ``(H, W)``.
 
     Returns:
         The written path.
@@ -520,6 +536,8 @@ def write_kspace_volume(
         hf.create_dataset("kspace", data=np.ascontiguousarray(kspace, dtype=np.complex64), track_times=False)
         if target is not None:
             hf.create_dataset("reconstruction_rss", data=np.ascontiguousarray(target, dtype=np.float32), track_times=False)
+        if reference is not None:
+            hf.create_dataset(REFERENCE_KEY, data=np.ascontiguousarray(reference, dtype=np.float32), track_times=False)
         if sens_maps is not None:
             hf.create_dataset("sens_maps", data=np.ascontiguousarray(sens_maps, dtype=np.complex64), track_times=False)
         if mask is not None:

@@ -110,6 +110,8 @@ class Sample:
         max_value: The file's ``max`` attribute divided by ``scale`` (for PSNR), or ``None``.
         noise_sigma: Normalised noise standard deviation per complex k-space entry, or ``None``.
         scale: The divisor applied to the raw data (> 0).
+        reference: Normalised clean reference magnitude ``(h, w)`` float32 (simulated files'
+            ``reconstruction_clean``: the image before simulated noise), or ``None``.
     """
 
     kspace: torch.Tensor
@@ -122,6 +124,7 @@ class Sample:
     max_value: float | None
     noise_sigma: float | None
     scale: float
+    reference: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         source = f"{self.fname} (slice {self.slice_idx})"
@@ -136,12 +139,14 @@ class Sample:
             raise InputError(f"{source}: key 'mask' must be a float32 tensor of shape ({height}, {width}), got {_describe(mask)}.")
         if not bool(((mask == 0) | (mask == 1)).all()) or not bool((mask != 0).any()):
             raise InputError(f"{source}: key 'mask' must hold 0/1 values with at least one sampled location.")
-        if self.target is not None:
-            target = self.target
-            if not isinstance(target, torch.Tensor) or target.dtype != torch.float32 or target.dim() != 2:
-                raise InputError(f"{source}: key 'target' must be a float32 tensor of shape (H, W), got {_describe(target)}.")
-            if not bool(torch.isfinite(target).all()):
-                raise InputError(f"{source}: key 'target' contains NaN or Inf values, expected a finite magnitude image.")
+        for key in ("target", "reference"):
+            image = getattr(self, key)
+            if image is None:
+                continue
+            if not isinstance(image, torch.Tensor) or image.dtype != torch.float32 or image.dim() != 2:
+                raise InputError(f"{source}: key '{key}' must be a float32 tensor of shape (H, W), got {_describe(image)}.")
+            if not bool(torch.isfinite(image).all()):
+                raise InputError(f"{source}: key '{key}' contains NaN or Inf values, expected a finite magnitude image.")
         if self.sens_maps is not None:
             maps = self.sens_maps
             if not isinstance(maps, torch.Tensor) or maps.dtype != torch.complex64 or maps.shape != kspace.shape:
@@ -191,14 +196,15 @@ def sample_from_kspace(
     max_value: float | None = None,
     noise_sigma: float | None = None,
     box_fraction: float = BOX_FRACTION,
+    reference: torch.Tensor | np.ndarray | None = None,
 ) -> Sample:
     """Validate raw data of one slice, apply its mask and normalise it into a :class:`Sample`.
 
     Maths: ``scale = normalization_scale(M ⊙ y, M)``; ``kspace = M ⊙ y / scale``;
-    ``target / scale``, ``max_value / scale``, ``noise_sigma / scale``.
+    ``target / scale``, ``reference / scale``, ``max_value / scale``, ``noise_sigma / scale``.
 
     Shape: ``kspace`` ``(C, H, W)`` complex (raw scale); ``mask`` broadcastable to it or
-    ``None`` (inferred from all-zero entries); ``target`` ``(h, w)`` real (raw scale);
+    ``None`` (inferred from all-zero entries); ``target`` and ``reference`` ``(h, w)`` real (raw scale);
     ``sens_maps`` ``(C, H, W)`` complex.
 
     Args:
@@ -212,6 +218,7 @@ def sample_from_kspace(
         max_value: Raw-scale maximum of the target volume, or ``None``.
         noise_sigma: Raw-scale noise standard deviation per complex entry, or ``None``.
         box_fraction: Centre box for the normalisation scale.
+        reference: Raw-scale clean reference magnitude, or ``None``.
 
     Returns:
         The normalised sample.
@@ -230,12 +237,16 @@ def sample_from_kspace(
     masked = kspace * mask_2d
     scale = normalization_scale(masked, mask_2d, box_fraction=box_fraction, source=source)
 
-    target_t = None
-    if target is not None:
-        target_t = torch.as_tensor(np.asarray(target) if isinstance(target, np.ndarray) else target)
-        if target_t.is_complex() or target_t.dim() != 2:
-            raise InputError(f"{source}: key 'target' must be a real image of shape (H, W), got {_describe(target_t)}.")
-        target_t = (target_t.to(torch.float64) / scale).to(torch.float32)
+    def normalised(image: torch.Tensor | np.ndarray | None, key: str) -> torch.Tensor | None:
+        if image is None:
+            return None
+        image_t = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
+        if image_t.is_complex() or image_t.dim() != 2:
+            raise InputError(f"{source}: key '{key}' must be a real image of shape (H, W), got {_describe(image_t)}.")
+        return (image_t.to(torch.float64) / scale).to(torch.float32)
+
+    target_t = normalised(target, "target")
+    reference_t = normalised(reference, "reference")
     maps_t = None
     if sens_maps is not None:
         maps_t = torch.as_tensor(sens_maps)
@@ -258,4 +269,5 @@ def sample_from_kspace(
         max_value=None if max_f is None else max_f / scale,
         noise_sigma=None if sigma_f is None else sigma_f / scale,
         scale=float(scale),
+        reference=reference_t,
     )

@@ -5,13 +5,17 @@ A site says where its data come from — a user's fastMRI folder (``data.source:
 (mask type, acceleration, centre fraction), with which coils and how much noise.
 
 Simulator (retrospective): for every subject, a warped and bias-modulated anatomy
-(:mod:`recon.data.anatomy`) with a smooth background phase gives complex images ``x``; coil
+(:mod:`recon.data.anatomy`) with a smooth background phase gives complex images ``x`` — or, for
+``anatomy.source: images``, the slices of a real image stack (:mod:`recon.data.images`) of the
+site's split ``data.split``, at their own matrix, with their own phase when complex; coil
 k-space is ``y_c = fft2c(S_c x) + n_c`` (:mod:`recon.data.acquisition`), fully sampled. Files are
 fastMRI multi-coil volumes: ``kspace`` ``(slices, coils, H, W)`` complex64,
 ``reconstruction_rss = rss(ifft2c(y))`` (fastMRI's target: RSS of the fully sampled *noisy*
-data), the true maps as ``sens_maps``, an ``ismrmrd_header``, and attributes ``acquisition``,
-``max``, ``norm``, ``noise_sigma`` (true σ per complex entry, raw scale), ``site``, ``seed``,
-``site_config``. The site's mask is applied at load time by :class:`FastMRISliceDataset`.
+data), ``reconstruction_clean = rss(ifft2c(fft2c(S x))) = |x|`` (the clean reference: the image
+before simulated noise, magnitude; the maps' RSS is 1), the true maps as ``sens_maps``, an
+``ismrmrd_header``, and attributes ``acquisition``, ``max``, ``norm``, ``noise_sigma`` (true σ per
+complex entry, raw scale), ``site``, ``seed``, ``site_config``. The site's mask is applied at load
+time by :class:`FastMRISliceDataset`.
 
 Noise level: ``σ_raw = noise.sigma · median_s(scale_s)`` per volume, with ``scale_s`` the
 :func:`~recon.data.normalization_scale` of slice ``s``'s noiseless fully sampled k-space, so
@@ -20,16 +24,20 @@ Noise level: ``σ_raw = noise.sigma · median_s(scale_s)`` per volume, with ``sc
 Seeds: subject ``i`` of an evaluation folder uses ``SeedSequence(seed, spawn_key=(EVAL, i +
 data.subject_seed_offset))``; training subject ``j`` of :func:`training_images` uses
 ``SeedSequence(seed, spawn_key=(TRAIN, j))``. The two streams have different spawn keys, so a
-training subject never shares a deformation seed with an evaluation subject, for any seeds.
+training subject never shares a deformation seed with an evaluation subject, for any seeds. Image
+stacks: the file starting at stack index ``k`` uses ``(EVAL, k)``; training copy ``r`` of slice ``k``
+uses ``(TRAIN, k, r)``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import h5py
 import numpy as np
@@ -50,6 +58,7 @@ from recon.data.anatomy import (
     slice_offsets_mm,
 )
 from recon.data.fastmri_io import FastMRISliceDataset, ismrmrd_header, slice_mask_seed, write_kspace_volume
+from recon.data.images import fit_matrix, read_image_stack, resolve_data_path, split_indices
 from recon.data.normalize import normalization_scale
 from recon.errors import InputError
 from recon.fft import fft2c, ifft2c
@@ -80,6 +89,10 @@ EVAL_STREAM = 0x4556414C  # "EVAL"
 TRAIN_STREAM = 0x5452414E  # "TRAN"
 
 TRAINING_SLICES_PER_SUBJECT = 16
+IMAGES = "images"
+FASTMRI_CENTER_PRODUCT = 0.32
+"""fastMRI pairs 4x with an 8 % centre and 8x with 4 %: ``center_fraction = 0.32 / acceleration``."""
+SOURCES = ANATOMY_SOURCES + (IMAGES,)
 DEFAULT_TRAINING_SLICES = 256
 
 
@@ -89,17 +102,21 @@ class DataConfig:
 
     source: str = "simulated"  # "simulated" | "fastmri"
     root: Optional[str] = None  # fastMRI folder (data.source fastmri)
-    num_subjects: int = 2
-    slices_per_subject: int = 4
+    num_subjects: int = 2  # simulated anatomy (not image stacks: there the split decides)
+    slices_per_subject: int = 4  # image stacks: consecutive slices of the split per file
     subject_seed_offset: int = 0
+    splits: Dict[str, List[str]] = field(default_factory=dict)  # image stacks: {name: ["start:stop", ...]}
+    split: str = "test"  # image stacks: the split this site's evaluation files hold
 
 
 @dataclass
 class AnatomyConfig:
     """Simulated anatomy (ignored for fastMRI sites)."""
 
-    source: str = "mni152"  # "mni152" | "epi" | "nifti"
-    path: Optional[str] = None  # NIfTI file for source "nifti"
+    source: str = "mni152"  # "mni152" | "epi" | "nifti" | "images"
+    path: Optional[str] = None  # NIfTI file for source "nifti"; the image stack for "images"
+    key: Optional[str] = None  # the array of an .npz image stack
+    intensity_scale: float = 1.0  # image stacks: raw-scale factor on the images (a scanner's scale, e.g. 1e13)
     contrast: str = "t1"  # "t1" | "t2" | "pd" | "flair" | "native"
     orientation: str = "axial"  # "axial" | "coronal" | "sagittal"
     deformation_mm: float = 3.0
@@ -124,7 +141,7 @@ class AcquisitionConfig:
     matrix: List[int] = field(default_factory=lambda: [128, 128])
     mask_type: str = "equispaced_1d"
     acceleration: float = 4.0
-    center_fraction: float = 0.08
+    center_fraction: Optional[float] = 0.08  # null: fastMRI's pairing 0.32 / acceleration (4x: 0.08, 8x: 0.04)
     mask_seed: int = 0
 
 
@@ -191,13 +208,15 @@ def _validate(site: SiteConfig, path: Path) -> None:
     _check(d.num_subjects >= 1, path, "data.num_subjects", "a positive integer", d.num_subjects)
     _check(d.slices_per_subject >= 1, path, "data.slices_per_subject", "a positive integer", d.slices_per_subject)
     _check(d.subject_seed_offset >= 0, path, "data.subject_seed_offset", "a non-negative integer", d.subject_seed_offset)
-    _check(a.source in ANATOMY_SOURCES, path, "anatomy.source", f"one of {', '.join(ANATOMY_SOURCES)}", a.source)
+    _check(a.source in SOURCES, path, "anatomy.source", f"one of {', '.join(SOURCES)}", a.source)
     _check(a.contrast in CONTRASTS, path, "anatomy.contrast", f"one of {', '.join(CONTRASTS)}", a.contrast)
     _check(a.orientation in ORIENTATIONS, path, "anatomy.orientation", f"one of {', '.join(ORIENTATIONS)}", a.orientation)
     if a.source != "mni152":
         _check(a.contrast == "native", path, "anatomy.contrast", f"'native' for anatomy.source {a.source!r}", a.contrast)
     if a.source == "nifti":
         _check(bool(a.path) and Path(a.path).is_file(), path, "anatomy.path", "an existing NIfTI file", a.path)
+    if a.source == IMAGES:
+        _validate_images(site, path)
     _check(a.deformation_mm >= 0, path, "anatomy.deformation_mm", "a non-negative number", a.deformation_mm)
     _check(a.bias_field >= 0, path, "anatomy.bias_field", "a non-negative number", a.bias_field)
     _check(a.background_phase >= 0, path, "anatomy.background_phase", "a non-negative number (radians)", a.background_phase)
@@ -213,6 +232,53 @@ def _validate(site: SiteConfig, path: Path) -> None:
         make_mask(q.mask_type, tuple(q.matrix), q.acceleration, q.center_fraction, 0)
     except InputError as exc:
         raise InputError(f"{path}: key 'acquisition' is not a valid mask request ({str(exc).rstrip('.')}).") from None
+
+
+def _validate_images(site: SiteConfig, path: Path) -> None:
+    """An image-stack site: the file reads, the splits are valid and disjoint, the chosen split exists."""
+    a, d = site.anatomy, site.data
+    if not a.path:
+        raise InputError(f"{path}: key 'anatomy.path' is not set, expected an image stack file for anatomy.source 'images'.")
+    _check(a.intensity_scale > 0 and math.isfinite(a.intensity_scale), path, "anatomy.intensity_scale",
+           "a positive number", a.intensity_scale)
+    try:
+        stack = image_stack(site)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if not d.splits:
+        raise InputError(f"{path}: key 'data.splits' is empty, expected named index ranges such as "
+                         f"{{train: ['0:10'], test: ['10:18']}} over the {len(stack)} images.")
+    split_indices(d.splits, len(stack), str(path))
+    _check(d.split in d.splits, path, "data.split", f"one of {', '.join(d.splits)}", d.split)
+
+
+def image_stack(site: SiteConfig) -> np.ndarray:
+    """The image stack of an ``anatomy.source: images`` site (read once per process and file version).
+
+    Shape: ``(N, H, W)`` complex128 or float64, read-only.
+
+    Raises:
+        InputError: naming ``anatomy.path`` and the resolved path (see :func:`recon.data.images.read_image_stack`).
+    """
+    return _read_stack(*_stack_file(site))[0]
+
+
+def _stack_file(site: SiteConfig) -> tuple[str, str | None, int]:
+    file = resolve_data_path(site.anatomy.path or "")
+    return str(file), site.anatomy.key, file.stat().st_mtime_ns if file.is_file() else -1
+
+
+@functools.lru_cache(maxsize=4)
+def _read_stack(file: str, key: str | None, stamp: int) -> tuple[np.ndarray, str]:
+    """The stack and the SHA-256 of its values (simulated files record it, so a changed file is re-simulated)."""
+    stack = read_image_stack(file, key)
+    stack.setflags(write=False)
+    return stack, hashlib.sha256(np.ascontiguousarray(stack).tobytes()).hexdigest()
+
+
+def _anatomy_digest(site: SiteConfig) -> str:
+    """SHA-256 of an image stack's values; "" for anatomy that ships in packages."""
+    return _read_stack(*_stack_file(site))[1] if site.anatomy.source == IMAGES else ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -288,6 +354,8 @@ def load_site(name_or_path: str, overrides: list[str] | None = None) -> SiteConf
     if not site.name:
         site.name = path.stem
     site.acquisition.matrix = [int(s) for s in site.acquisition.matrix]
+    if site.acquisition.center_fraction is None and site.acquisition.acceleration > 0:
+        site.acquisition.center_fraction = FASTMRI_CENTER_PRODUCT / site.acquisition.acceleration
     _validate(site, path)
     return site
 
@@ -304,6 +372,8 @@ def subject_seed(seed: int, stream: int, index: int) -> np.random.SeedSequence:
 
 
 def _acquisition_label(site: SiteConfig) -> str:
+    if site.anatomy.source == IMAGES:
+        return "IMAGES"
     prefix = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}[site.anatomy.orientation]
     contrast = "EPI" if site.anatomy.source == "epi" else site.anatomy.contrast.upper()
     return f"{prefix}{contrast}"
@@ -340,10 +410,53 @@ def _simulate_subject(site: SiteConfig, seq: np.random.SeedSequence, fractions: 
         * np.exp(1j * background_phase(phase_rng, matrix, a.background_phase))
         for off in offsets
     ])
+    return _volume(site, images, maps), np.random.default_rng(noise_seq)
+
+
+def _volume(site: SiteConfig, images: np.ndarray, maps: torch.Tensor) -> _Volume:
+    """Coil k-space and normalisation scales of noiseless complex images ``(S, H, W)``."""
     x = torch.from_numpy(images.astype(np.complex64))
     clean = fft2c(maps.unsqueeze(0) * x.unsqueeze(1))
     scales = np.array([normalization_scale(k, None, source=f"site {site.name}") for k in clean])
-    return _Volume(images, clean, scales), np.random.default_rng(noise_seq)
+    return _Volume(images, clean, scales)
+
+
+def _stack_slices(site: SiteConfig, indices: list[int], phases: list[np.random.Generator]) -> np.ndarray:
+    """Slices of the image stack at the site's matrix (crop / zero-pad, times ``intensity_scale``):
+    complex slices keep their own phase; magnitude slices get a smooth background phase, one
+    generator each (:func:`~recon.data.anatomy.background_phase`).
+
+    Shape: returns ``(len(indices), H, W)`` complex128.
+    """
+    stack, a = image_stack(site), site.anatomy
+    matrix = tuple(site.acquisition.matrix)
+    x = fit_matrix(np.asarray(stack[indices]), matrix) * a.intensity_scale
+    if np.iscomplexobj(stack):
+        return x.astype(np.complex128)
+    return np.stack([xi * np.exp(1j * background_phase(rng, matrix, a.background_phase)) for xi, rng in zip(x, phases)])
+
+
+def _eval_files(site: SiteConfig) -> list[tuple[int, list[int] | None]]:
+    """The evaluation files: ``(index, stack indices)`` — simulated anatomy: subject indices (no stack);
+    image stacks: consecutive groups of ``slices_per_subject`` slices of ``data.split``, named by the first."""
+    d = site.data
+    if site.anatomy.source != IMAGES:
+        return [(d.subject_seed_offset + i, None) for i in range(d.num_subjects)]
+    indices = split_indices(d.splits, len(image_stack(site)), site.name)[d.split]
+    n = d.slices_per_subject
+    return [(indices[i], indices[i:i + n]) for i in range(0, len(indices), n)]
+
+
+def _eval_volume(site: SiteConfig, seed: int, index: int, stack_indices: list[int] | None,
+                 maps: torch.Tensor) -> tuple[_Volume, np.random.Generator]:
+    """One evaluation file's noiseless volume and its noise generator."""
+    seq = subject_seed(seed, EVAL_STREAM, index)
+    if stack_indices is None:
+        count = site.data.slices_per_subject
+        return _simulate_subject(site, seq, _eval_fractions(count), count, maps)
+    phase_seq, noise_seq = seq.spawn(2)
+    phases = [np.random.default_rng(s) for s in phase_seq.spawn(len(stack_indices))]
+    return _volume(site, _stack_slices(site, stack_indices, phases), maps), np.random.default_rng(noise_seq)
 
 
 def _eval_fractions(count: int) -> np.ndarray:
@@ -390,8 +503,8 @@ def simulate_site(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: key 'out' is a file, expected an output folder.")
-    indices = [site.data.subject_seed_offset + i for i in range(site.data.num_subjects)]
-    paths = [out_dir / f"{site.name}_{i:03d}.h5" for i in indices]
+    files = _eval_files(site)
+    paths = [out_dir / f"{site.name}_{index:03d}.h5" for index, _ in files]
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise InputError(f"{existing[0]}: key 'out' already holds this file, expected a new folder or --overwrite.")
@@ -399,20 +512,18 @@ def simulate_site(
     matrix = tuple(acq.matrix)
     maps = _site_maps(site)
     covariance = coil_noise_covariance(site.coils.count, site.coils.correlation)
-    fov = load_anatomy(site.anatomy.source, site.anatomy.path).fov_mm
-    spacing = fov / min(matrix)
+    # image stacks carry no geometry: 1 mm pixels
+    spacing = 1.0 if site.anatomy.source == IMAGES else load_anatomy(site.anatomy.source, site.anatomy.path).fov_mm / min(matrix)
     header = ismrmrd_header(matrix, matrix, (matrix[0] * spacing, matrix[1] * spacing, 5.0))
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(site))
     volumes = []  # simulate everything first: a failure leaves the folder untouched
-    for index, path in zip(indices, paths):
-        volume, noise_rng = _simulate_subject(
-            site, subject_seed(seed, EVAL_STREAM, index), _eval_fractions(site.data.slices_per_subject),
-            site.data.slices_per_subject, maps,
-        )
+    for (index, stack_indices), path in zip(files, paths):
+        volume, noise_rng = _eval_volume(site, seed, index, stack_indices, maps)
         sigma_raw = float(site.noise.sigma * np.median(volume.scales))
         noise = torch.from_numpy(complex_noise(noise_rng, tuple(volume.clean.shape), sigma_raw, covariance))
         kspace = volume.clean + noise
         target = rss(ifft2c(kspace), dim=1).numpy()
+        reference = rss(ifft2c(volume.clean), dim=1).numpy()
         if prospective:
             masks = torch.stack([
                 make_mask(acq.mask_type, matrix, acq.acceleration, acq.center_fraction,
@@ -430,14 +541,18 @@ def simulate_site(
             "subject": int(index),
             "site_config": config_yaml,
         }
-        volumes.append((path, kspace.numpy(), target, attrs))
+        if stack_indices is not None:
+            attrs["stack_indices"] = np.asarray(stack_indices, dtype=np.int64)
+            attrs["anatomy_sha256"] = _anatomy_digest(site)
+        volumes.append((path, kspace.numpy(), target, reference, attrs))
     out_dir.mkdir(parents=True, exist_ok=True)
     stacked_maps = maps.numpy()[None]
     return [
         write_kspace_volume(
-            path, kspace, target=target, sens_maps=np.broadcast_to(stacked_maps, kspace.shape), header=header, attrs=attrs
+            path, kspace, target=target, sens_maps=np.broadcast_to(stacked_maps, kspace.shape), header=header,
+            attrs=attrs, reference=reference,
         )
-        for path, kspace, target, attrs in volumes
+        for path, kspace, target, reference, attrs in volumes
     ]
 
 
@@ -466,36 +581,65 @@ def site_dataset(site: SiteConfig, workdir: str | os.PathLike | None = None, see
         raise InputError(f"site {site.name}: key 'workdir' is missing, expected a folder for the simulated files.")
     folder = Path(workdir) / f"{site.name}-seed{seed}"
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(site))
-    expected = [folder / f"{site.name}_{site.data.subject_seed_offset + i:03d}.h5" for i in range(site.data.num_subjects)]
+    expected = [folder / f"{site.name}_{index:03d}.h5" for index, _ in _eval_files(site)]
 
     def current(p: Path) -> bool:
         if not p.is_file():
             return False
         with h5py.File(p, "r") as hf:
-            return hf.attrs.get("site_config") == config_yaml and int(hf.attrs.get("seed", -1)) == seed
+            return (hf.attrs.get("site_config") == config_yaml and int(hf.attrs.get("seed", -1)) == seed
+                    and hf.attrs.get("anatomy_sha256", "") == _anatomy_digest(site))
     if not all(current(p) for p in expected):
         simulate_site(site, folder, seed, overwrite=True)
     return FastMRISliceDataset(expected, **kwargs)
 
 
-def training_images(site: SiteConfig, num_slices: int | None = None, seed: int = 0) -> torch.Tensor:
+def training_images(site: SiteConfig, num_slices: int | None = None, seed: int = 0, split: str = "train",
+                    copies: int = 1) -> torch.Tensor:
     """Noiseless complex training images of a simulated site, each normalised like a Sample.
 
     Maths: ``x_i / scale_i``, ``scale_i = normalization_scale(fft2c(S x_i), ones)`` with the
-    site's coil maps; ``x_i`` includes warp, bias field and background phase. Training subject
-    ``j`` (:data:`TRAIN_STREAM`) gives :data:`TRAINING_SLICES_PER_SUBJECT` slices at random
-    positions of the site's slice range.
+    site's coil maps. Simulated anatomy: ``x_i`` includes warp, bias field and background phase;
+    training subject ``j`` (:data:`TRAIN_STREAM`) gives :data:`TRAINING_SLICES_PER_SUBJECT` slices
+    at random positions of the site's slice range. Image stacks: every slice of ``split``, ``copies``
+    times — a magnitude slice with a fresh smooth background phase per copy, a complex slice with its
+    own phase times ``exp(iφ₀)``, ``φ₀ ~ U(−π, π)`` (the global phase of an MR image is arbitrary);
+    copy ``r`` of slice ``k`` is seeded by ``(TRAIN_STREAM, k, r)``.
 
-    Shape: returns ``(N, 1, H, W)`` complex64, ``N = num_slices`` (default 256).
+    Shape: returns ``(N, 1, H, W)`` complex64: ``N = num_slices`` (default 256) for simulated anatomy,
+    ``N = copies · len(split)`` for image stacks (slice-major).
 
     Raises:
-        InputError: a fastMRI site or ``num_slices < 1``.
+        InputError: a fastMRI site, ``num_slices < 1``, ``copies < 1``, ``num_slices`` given for an image
+            stack, or an unknown split.
     """
     _require_simulated(site)
+    maps = _site_maps(site)
+    if site.anatomy.source == IMAGES:
+        if num_slices is not None:
+            raise InputError(f"site {site.name}: key 'num_slices' must be null for an image stack, which trains on "
+                             f"every slice of its split (times 'copies').")
+        if copies < 1:
+            raise InputError(f"site {site.name}: key 'copies' must be a positive integer, got {copies}.")
+        splits = split_indices(site.data.splits, len(image_stack(site)), site.name)
+        if split not in splits:
+            raise InputError(f"site {site.name}: key 'data.split' is {split!r}, expected one of {', '.join(splits)}.")
+        indices = [k for k in splits[split] for _ in range(copies)]
+        seqs = [np.random.SeedSequence(int(seed), spawn_key=(TRAIN_STREAM, k, r))
+                for k in splits[split] for r in range(copies)]
+        phase_rngs = [np.random.default_rng(q.spawn(1)[0]) for q in seqs]
+        images = _stack_slices(site, indices, phase_rngs)
+        if np.iscomplexobj(image_stack(site)):
+            turns = np.array([np.random.default_rng(q).uniform(-math.pi, math.pi) for q in seqs])
+            images = images * np.exp(1j * turns)[:, None, None]
+        out = []
+        for start in range(0, len(images), 16):  # bounded memory for large stacks
+            volume = _volume(site, images[start:start + 16], maps)
+            out.append(volume.images / volume.scales[:, None, None])
+        return torch.from_numpy(np.concatenate(out).astype(np.complex64)).unsqueeze(1)
     total = DEFAULT_TRAINING_SLICES if num_slices is None else int(num_slices)
     if total < 1:
         raise InputError(f"site {site.name}: key 'num_slices' must be a positive integer, got {num_slices}.")
-    maps = _site_maps(site)
     out = []
     done, subject = 0, 0
     while done < total:
