@@ -39,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_metadata",
+    "warm_start",
     "save_training_state",
     "load_training_state",
     "data_hash",
@@ -241,6 +242,40 @@ def load_checkpoint(
     model.load_state_dict(tensors, strict=True)
     meta["config"] = cfg
     return model.to(device).eval(), meta
+
+
+def warm_start(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Initialise ``model`` with the weights of another prior's checkpoint (fine-tuning from it).
+
+    Every weight of ``model`` must exist in the checkpoint with the same shape; weights the checkpoint
+    has beyond them (for example the self-attention of a prior whose successor is fully convolutional)
+    are dropped and named in the returned facts.
+
+    Returns:
+        Provenance for the new checkpoint's metadata: ``init_sha256`` (of the file), ``init_step``,
+        ``init_data_source``, ``init_dropped`` (names of unused weights).
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, or a weight of ``model`` it lacks or holds in another shape.
+    """
+    path = Path(path)
+    source, meta = load_checkpoint(path)
+    weights = source.state_dict()
+    wanted = model.state_dict()
+    for name, value in wanted.items():
+        if name not in weights or tuple(weights[name].shape) != tuple(value.shape):
+            got = "missing" if name not in weights else f"of shape {tuple(weights[name].shape)}"
+            raise CheckpointError(
+                f"{path}: weight '{name}' is {got}, expected shape {tuple(value.shape)} to initialise the network "
+                f"(train.init_from must name a prior of the same architecture)."
+            )
+    model.load_state_dict({name: weights[name] for name in wanted}, strict=True)
+    return {
+        "init_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "init_step": meta.get("step"),
+        "init_data_source": meta.get("data_source", ""),
+        "init_dropped": sorted(set(weights) - set(wanted)),
+    }
 
 
 def save_training_state(

@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     mixed_precision: bool = False  # bf16 autocast, CUDA only
     patch_size: Optional[int] = None  # train on random square crops of this side (a fully convolutional prior)
+    init_from: Optional[str] = None  # start from a prior's weights: a bundled name (scores/weights) or a path
 
 
 @dataclass

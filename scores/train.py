@@ -37,6 +37,7 @@ from scores.checkpoints import (
     read_metadata,
     save_checkpoint,
     save_training_state,
+    warm_start,
 )
 from scores.config import PriorConfig, prior_config_to_dict
 from scores.model import ScoreModel, complex_noise
@@ -363,6 +364,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     val_images: Tensor | None = None,
+    init_checkpoint: str | Path | None = None,
 ) -> TrainResult:
     """Train a ScoreModel by denoising score matching on normalised complex images.
 
@@ -384,6 +386,8 @@ def train(
         progress: tqdm progress bar on rank 0.
         val_images: complex ``(M, 1, H', W')`` validation images (whole slices): at every checkpoint the
             EMA model's :func:`validation_loss` is logged to ``val_loss.csv`` and stored in the metadata.
+        init_checkpoint: a prior's checkpoint to start from (``train.init_from`` resolved to a file):
+            :func:`~scores.checkpoints.warm_start`, its provenance stored in the metadata (not on resume).
 
     Returns:
         A :class:`TrainResult` with the EMA model (eval mode) and the step reached.
@@ -412,7 +416,11 @@ def train(
         digest = data_hash(images)
         images = images.to(device=device, dtype=torch.complex64)
 
-        model = ScoreModel.from_config(cfg.network, generator=torch.Generator().manual_seed(t.seed)).to(device)
+        model = ScoreModel.from_config(cfg.network, generator=torch.Generator().manual_seed(t.seed))
+        extra = dict(metadata or {})
+        if init_checkpoint is not None:
+            extra.update(warm_start(model, init_checkpoint), init_from=t.init_from or str(init_checkpoint))
+        model = model.to(device)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay
@@ -452,7 +460,6 @@ def train(
         shard = slice(rank * t.batch_size // world, (rank + 1) * t.batch_size // world)
         autocast = t.mixed_precision and device.type == "cuda"
         sigma_range = (schedule.sigma_min, schedule.sigma_max)
-        extra = dict(metadata or {})
 
         def save(at_step: int) -> None:
             if rank != 0:

@@ -98,6 +98,19 @@ def training_data(cfg: PriorConfig) -> tuple[torch.Tensor, torch.Tensor | None, 
     return images, val, source
 
 
+def init_checkpoint(cfg: PriorConfig, config_path: Path) -> Path | None:
+    """``train.init_from`` as a file: a bundled prior's name (``scores/weights/NAME.safetensors``) or a path."""
+    name = cfg.train.init_from
+    if name is None:
+        return None
+    bundled = Path(__file__).resolve().parents[1] / "scores" / "weights" / f"{name}.safetensors"
+    path = bundled if bundled.is_file() else Path(os.path.expanduser(name))
+    if not path.is_file():
+        raise InputError(f"{config_path}: key 'train.init_from' is {name!r}, expected a bundled prior name or a "
+                         f"checkpoint file.")
+    return path
+
+
 def write_config(path: Path, cfg: PriorConfig) -> None:
     """The resolved config as YAML, atomically."""
     from omegaconf import OmegaConf
@@ -141,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             cfg, images, args.out, metadata={"git_commit": git_commit(), "data_source": source},
             time_limit=remaining, resume=not args.no_resume, progress=not args.no_progress, val_images=val_images,
+            init_checkpoint=init_checkpoint(cfg, args.config),
         )
     except (InputError, ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

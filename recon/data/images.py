@@ -169,8 +169,8 @@ def split_indices(splits: Mapping[str, Sequence[str | int]], count: int, source:
 def fit_matrix(image: np.ndarray, matrix: tuple[int, int]) -> np.ndarray:
     """Centre-crop or zero-pad an image to ``matrix`` (each side on its own; no resampling).
 
-    Maths: the centre pixel ``(H // 2, W // 2)`` (the centre of :func:`recon.fft.fft2c`) becomes the output's
-    centre ``(h // 2, w // 2)``; pixels outside the input are 0.
+    Maths: fastMRI's ``center_crop`` convention — a crop keeps rows ``[(H − h) // 2, (H − h) // 2 + h)``
+    (likewise columns); a pad puts ``(h − H) // 2`` zero rows before the image and the rest after.
 
     Shape: ``(..., H, W)`` → ``(..., h, w)`` for ``matrix = (h, w)``.
     """
@@ -178,10 +178,10 @@ def fit_matrix(image: np.ndarray, matrix: tuple[int, int]) -> np.ndarray:
     for axis, size in ((-2, matrix[0]), (-1, matrix[1])):
         n = out.shape[axis]
         if n > size:
-            start = n // 2 - size // 2
+            start = (n - size) // 2
             out = np.take(out, range(start, start + size), axis=axis)
         elif n < size:
-            before = size // 2 - n // 2
+            before = (size - n) // 2
             pad = [(0, 0)] * out.ndim
             pad[axis] = (before, size - n - before)
             out = np.pad(out, pad)

@@ -36,6 +36,18 @@ def blobs16() -> torch.Tensor:
     return blob_images(32, 16, 16, seed=0)
 
 
+@pytest.fixture(scope="session")
+def blobs32() -> torch.Tensor:
+    """16 synthetic 32x32 complex training images (patch training)."""
+    return blob_images(16, 32, 32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def blobs48x40() -> torch.Tensor:
+    """4 synthetic whole 48x40 complex images, larger than any training image (validation)."""
+    return blob_images(4, 48, 40, seed=2)
+
+
 @pytest.fixture(autouse=True)
 def single_thread():
     """Tiny networks run fastest on one thread; two threads on a loaded 2-core machine stall (spin-waits)."""
