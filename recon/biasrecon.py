@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from recon.adapt.calibration import FrequencyCalibration
-from recon.adapt.selfsup import KSpaceSplit, detect_acs, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, heldout_loss, split_mask, theta_operator
+from recon.coils import detect_acs
 from recon.dc import prox
 from recon.errors import InputError
 from recon.operators import Sense, conjugate_gradient
@@ -105,7 +106,7 @@ class BiasReconSettings:
             the held-out loss is partly a training loss (it rewards passing the input through). "theta":
             one fixed calibration split (Θc, Λc), drawn with its own seed; the iterate is made consistent
             with ``y_Θc`` only and every θ-step is scored on ``y_Λc``, data it has never seen.
-        acs_auto: keep the mask's own fully sampled centre in Θ (:func:`recon.adapt.detect_acs`) instead
+        acs_auto: keep the mask's own fully sampled centre in Θ (:func:`recon.coils.detect_acs`) instead
             of the central ``acs_fraction``; the held-out entries then all lie outside the scan's
             auto-calibration region, where the prior — not coil sensitivities — predicts them. A scan
             that samples nothing outside its centre falls back to ``acs_fraction``.

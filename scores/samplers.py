@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto asks notebooks for ipywidgets (IProgress)
 
 from scores.model import complex_noise, score_from_denoised
 from scores.sde import geometric_levels
