@@ -579,6 +579,11 @@ class KeptGamma:
     history: list[dict]
 
 
+def _finite(value: float | None) -> float | None:
+    """A loss for a profile's JSON metadata: ``None`` for a non-finite one (damaged data)."""
+    return value if value is not None and np.isfinite(value) else None
+
+
 def _volume_profile(out: Path, path: Path) -> Path:
     return out / "profiles" / f"{path.name}.json"
 
@@ -592,7 +597,7 @@ def _save_first_gamma(plan: Plan, records: dict[str, MethodRecord], samples: dic
     value = CalibratedPrior(plan.prior.model, first.gamma, layers, bands)
     extra = {"prior_file": plan.prior.path.name, "mode": "scan", "method": method,
              "calibrated_on": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in first_batch],
-             "val_loss_zero": first.val_loss_zero, "val_loss_best": first.val_loss_best}
+             "val_loss_zero": _finite(first.val_loss_zero), "val_loss_best": _finite(first.val_loss_best)}
     (path.parent).mkdir(parents=True, exist_ok=True)
     save_profile(path, value.calibration, plan.site.name, plan.prior.sha256, extra=extra)
 
@@ -608,8 +613,8 @@ def _kept_gamma(plan: Plan, first_record: dict, first_path: Path) -> KeptGamma |
         return KeptGamma(shared.prior, shared.site, f"reused profile of site {shared.site}",
                          {**extra, **shared.extra}, [])
     if shared is not None:
-        extra.update(mode="site", calibrated_on=shared.slices, val_loss_zero=shared.val_loss_zero,
-                     val_loss_best=shared.val_loss_best)
+        extra.update(mode="site", calibrated_on=shared.slices, val_loss_zero=_finite(shared.val_loss_zero),
+                     val_loss_best=_finite(shared.val_loss_best))
         return KeptGamma(shared.prior, shared.site, f"site calibration on {len(shared.slices)} slices",
                          extra, shared.history)
     layers, bands = _calibration_shape(plan.spec)
@@ -753,12 +758,12 @@ def run(spec: RunSpec) -> int:
         v, items = order[k]
         own = [b for b in batches if b[0] in items]
         records, samples, seconds = _reconstruct_volume(plan, source, v, own)
-        if scan_profiles:
-            _save_first_gamma(plan, records, samples, own[0], _volume_profile(out, dataset.volumes[v].path))
         images = {method: np.stack([r.images[i] for i in items]) for method, r in records.items()}
         facts = {"items": list(items), "slices": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in items],
                  **volume_record(records, _stored_target(dataset, v, items), items,
                                  f"{dataset.volumes[v].path}: key '{dataset.volumes[v].target_key}'")}
+        if scan_profiles:  # written last of the volume's own files: a refused volume leaves nothing
+            _save_first_gamma(plan, records, samples, own[0], _volume_profile(out, dataset.volumes[v].path))
         return images, facts, [seconds]
 
     extra = (lambda k: [_volume_profile(out, dataset.volumes[order[k][0]].path)]) if scan_profiles else None

@@ -33,16 +33,17 @@ def bundled_priors() -> list[str]:
 
 
 def resolve_prior(value: str | Path) -> Path:
-    """The checkpoint file of ``--prior NAME|PATH``: a bundled name, else an existing file.
+    """The checkpoint of ``--prior NAME|PATH``: a bundled name, else an existing path (what it holds is
+    checked when it is loaded, :func:`scores.checkpoints.load_checkpoint`).
 
     Raises:
-        CheckpointError: neither a bundled name nor an existing file (one sentence naming ``--prior``).
+        CheckpointError: neither a bundled name nor an existing path (one sentence naming ``--prior``).
     """
     text = str(value)
     if text in bundled_priors():
         return WEIGHTS_DIR / f"{text}.safetensors"
     path = Path(text).expanduser()
-    if path.is_file():
+    if path.exists():
         return path
     raise CheckpointError(
         f"command line: key '--prior' is {text!r}, expected a bundled prior ({', '.join(bundled_priors()) or 'none'}) "
