@@ -1,7 +1,9 @@
 """BiasRecon: the alternating optimizer (calibrate ↔ denoise ↔ SURE) along a diffusion schedule.
 
-Noise levels ``s_0 > … > s_{N−1}`` (geometric). The iterate starts from the SENSE estimate renoised
-to ``s_0``; one **x-step** at level ``s_i`` is::
+Noise levels ``s_0 > … > s_{N−1}`` and the loop come from the :class:`Sampler` the optimizer is given
+(``scores.samplers.TweedieSampler``; recon never imports scores, the scripts hand it over). The
+iterate starts from the SENSE estimate renoised to ``s_0``; one **x-step** at level ``s_i`` is the
+sampler's step with the prox as its data consistency::
 
     x̂ = D_γ(x, s_i);  x₀ = (AᴴA + λI)⁻¹(Aᴴy + λ x̂);  x ← x₀ + s_{i+1}(√(1−η²) ε + η z)
 
@@ -20,14 +22,16 @@ can improve while the chain's output collapses.)
 
 **λ-step** (``sure=True``): the λ of the final data consistency minimises Monte-Carlo SURE of
 ``f(y) = A·x₀(y; λ)`` through the whole x-step chain (run at the fixed ``lam``): the divergence by
-a seeded probe ``y + εb`` pushed through the chain with common random numbers. Two measured
+a seeded probe ``y + εb`` pushed through the chain with common random numbers, scored by
+:func:`recon.sure.sure_over_grid` (the estimators the exact-divergence tests check). Two measured
 pitfalls it avoids: SURE of a single prox with ``x̂`` held fixed is biased, since ``x̂`` comes from
 iterates already made consistent with ``y`` (on ``source_brain`` it chose λ 20–60× too large,
 −2 dB); and choosing the chain's own λ by measurement-domain SURE cannot see the null-space
 error that λ also shapes (it preferred λ = 0.1 where λ = 0.003 was 1.7 dB better).
 
 recon/ sees the prior only through :class:`Prior` (``denoise(x, sigma)`` on complex
-``(B, 1, H, W)``, per-real-channel noise std ``sigma``), so any denoiser module fits.
+``(B, 1, H, W)``, per-real-channel noise std ``sigma``), so any denoiser module fits, and the
+sampler only through :class:`Sampler`.
 """
 
 from __future__ import annotations
@@ -40,16 +44,16 @@ from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from recon.adapt.calibration import FrequencyCalibration
-from recon.adapt.selfsup import KSpaceSplit, detect_acs, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, heldout_loss, split_mask, theta_operator
+from recon.coils import detect_acs
 from recon.dc import prox
 from recon.errors import InputError
 from recon.operators import Sense, conjugate_gradient
-from recon.sure import estimate_sigma, sampled_count
+from recon.sure import complex_normal, estimate_sigma, probe, sampled_count, sure_over_grid
 
-__all__ = ["Prior", "BiasReconSettings", "BiasReconResult", "BiasRecon", "x_step_chain"]
+__all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "BiasRecon"]
 
 AdaptMode = Literal["gamma", "full", "none"]
 
@@ -60,9 +64,30 @@ class Prior(Protocol):
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor: ...
 
 
+class Sampler(Protocol):
+    """The reverse-diffusion loop and its noise levels (``scores.samplers.TweedieSampler``).
+
+    ``levels(start, end, count)``: the decreasing levels ``s_0 = start > … > s_{count−1}``.
+    ``sampler(prior, shape, levels, dc=, eta=, generator=, x_start=, copies=, progress=)``: from
+    ``x = x_start + s_0 z``, at each level ``x₀ = dc(D(x, s_i), s_i)`` then
+    ``x ← x₀ + s_{i+1}(√(1−η²)(x − x₀)/s_i + η z)``, ``z`` complex standard noise from ``generator``
+    (``copies`` stacked copies of the batch share each draw); returns the last ``x₀``.
+    Shape: ``shape = (B, 1, H, W)``; ``x_start`` and the result complex ``(B, 1, H, W)``.
+    """
+
+    def levels(self, start: float, end: float, count: int) -> list[float]: ...
+
+    def __call__(self, prior: Prior, shape: Sequence[int], sigmas: Sequence[float], *,
+                 dc: Callable[[torch.Tensor, float], torch.Tensor], eta: float, generator: torch.Generator,
+                 x_start: torch.Tensor, copies: int = 1, progress: bool = False) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class BiasReconSettings:
-    """Typed settings of the optimizer (scripts fill them from ``configs/biasrecon``).
+    """Typed settings of the optimizer: the schema of the ``biasrecon`` section of ``configs/biasrecon``.
+
+    The defaults are the measured ones (``docs/results/quality.md``); the shipped adapt YAML only
+    lowers the CPU cost (fewer noise levels and λ candidates).
 
     Attributes:
         num_steps: noise levels of the sampler; sigma_start / sigma_end: first and last level
@@ -76,12 +101,12 @@ class BiasReconSettings:
             None estimates it from the k-space; sure_epsilon: probe step relative to σ.
         cg_iters: CG iterations of the prox; seed: seeds every random draw.
         calib_iterate: data consistency of the calibration's own iterate (the one the θ-steps denoise).
-            "full" (the original behaviour): made consistent with all of ``y``, and every Adam step draws
+            "full" (the first version): made consistent with all of ``y``, and every Adam step draws
             a fresh split — but the iterate then already carries ``y_Λ`` through the earlier x-steps, so
             the held-out loss is partly a training loss (it rewards passing the input through). "theta":
             one fixed calibration split (Θc, Λc), drawn with its own seed; the iterate is made consistent
             with ``y_Θc`` only and every θ-step is scored on ``y_Λc``, data it has never seen.
-        acs_auto: keep the mask's own fully sampled centre in Θ (:func:`recon.adapt.detect_acs`) instead
+        acs_auto: keep the mask's own fully sampled centre in Θ (:func:`recon.coils.detect_acs`) instead
             of the central ``acs_fraction``; the held-out entries then all lie outside the scan's
             auto-calibration region, where the prior — not coil sensitivities — predicts them. A scan
             that samples nothing outside its centre falls back to ``acs_fraction``.
@@ -92,9 +117,9 @@ class BiasReconSettings:
     sigma_end: float = 0.01
     eta: float = 1.0
     adapt: AdaptMode = "gamma"
-    theta_steps: int = 2
+    theta_steps: int = 4
     adapt_fraction: float = 0.7
-    lr: float = 2e-2
+    lr: float = 5e-2
     split_ratio: float = 0.4
     acs_fraction: float = 0.08
     lam: float = 0.01
@@ -104,8 +129,8 @@ class BiasReconSettings:
     sure_epsilon: float = 0.1
     cg_iters: int = 10
     seed: int = 0
-    calib_iterate: str = "full"
-    acs_auto: bool = False
+    calib_iterate: str = "theta"
+    acs_auto: bool = True
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or not (self.sigma_start > self.sigma_end > 0):
@@ -139,13 +164,6 @@ class BiasReconSettings:
             if not ok:
                 raise InputError(f"biasrecon.{key} must be {expected}, got {getattr(self, key)}")
 
-    def sigmas(self) -> list[float]:
-        """The geometric noise schedule ``s_0 > … > s_{N−1}``."""
-        if self.num_steps == 1:
-            return [self.sigma_end]
-        ratio = (self.sigma_end / self.sigma_start) ** (1 / (self.num_steps - 1))
-        return [self.sigma_start * ratio**i for i in range(self.num_steps)]
-
 
 @dataclass
 class BiasReconResult:
@@ -173,42 +191,23 @@ class BiasReconResult:
     seconds: float = 0.0
 
 
-def _complex_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n₁ + i n₂`` with ``n₁, n₂ ~ N(0, 1)`` (the prior's noise convention), drawn on the CPU."""
-    return torch.view_as_complex(torch.randn(shape + (2,), generator=generator)).to(device)
+def _sense_start(op: Sense, kspace: torch.Tensor, cg_iters: int) -> torch.Tensor:
+    """The SENSE estimate every chain starts from: ``(AᴴA + 10⁻³I)⁻¹Aᴴy``. Shape ``(B, 1, H, W)``."""
+    return conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=cg_iters).x
 
 
-def _renoise(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float,
-             noise: torch.Tensor) -> torch.Tensor:
-    eps = (x - x0) / sigma
-    return x0 + sigma_next * (math.sqrt(1 - eta**2) * eps + eta * noise)
+class _CalibratingPrior:
+    """The prior as the calibration's sampler sees it: a θ-step before each denoising, then the
+    denoising with the kept parameters (so the θ-steps ride along the sampler's own loop)."""
 
+    def __init__(self, optimizer: "BiasRecon", callback: Callable[[dict], None] | None) -> None:
+        self.optimizer, self.callback = optimizer, callback
 
-@torch.no_grad()
-def x_step_chain(prior: Prior, op: Sense, kspace: torch.Tensor, lam: float | torch.Tensor,
-                 sigmas: Sequence[float], eta: float, seed: int, cg_iters: int, tile: int = 1,
-                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every x-step (denoise → prox → renoise) from the SENSE start; deterministic for a seed.
-
-    The batch may hold ``tile`` copies of ``n`` scans (SURE probes); each copy receives the same
-    noise (common random numbers).
-    Shape: ``kspace`` ``(tile·n, C, H, W)``; ``lam`` a float or ``(tile·n,)``; returns the final
-    ``x₀`` and the last denoiser estimate ``x̂`` (before its prox), each ``(tile·n, 1, H, W)``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    n = kspace.shape[0] // tile
-    shape = (n, 1) + tuple(kspace.shape[-2:])
-    lam_t = torch.as_tensor(lam, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
-    x0 = conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=cg_iters).x
-    x = x0 + sigmas[0] * _complex_noise(shape, gen, kspace.device).repeat(tile, 1, 1, 1)
-    x_hat = x
-    for i in tqdm(range(len(sigmas)), desc="x-steps", disable=not progress, leave=False):
-        x_hat = prior.denoise(x, sigmas[i])
-        x0 = prox(op, kspace, x_hat, lam_t, cg_iters)
-        if i + 1 < len(sigmas):
-            noise = _complex_noise(shape, gen, kspace.device).repeat(tile, 1, 1, 1)
-            x = _renoise(x, x0, sigmas[i], sigmas[i + 1], eta, noise)
-    return x0, x_hat
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        record = self.optimizer._calibration_step(x, sigma)
+        if self.callback is not None:
+            self.callback(record)
+        return self.optimizer.prior.denoise(x, sigma)
 
 
 class BiasRecon:
@@ -218,41 +217,35 @@ class BiasRecon:
     (the sampled sets Ω); ``kspace`` ``(B, C, H, W)`` complex, zero outside Ω; the result ``(B, 1, H, W)``.
 
     Args:
-        prior: the denoiser (an ``nn.Module`` when ``adapt != "none"``); never modified — full
+        prior: the denoiser (an ``nn.Module`` when ``adapt != "none"``; a
+            :class:`recon.adapt.CalibratedPrior` for a γ fixed beforehand); never modified — full
             fine-tuning works on a copy, calibration hooks are removed when :meth:`run` ends.
         op, kspace: the measurement operator ``A = M F S`` and the measured ``y``.
         settings: :class:`BiasReconSettings`.
-        calibration: an existing :class:`FrequencyCalibration` on ``prior`` (for example loaded
-            from a site profile); with ``adapt="none"`` its γ is used as it is.
+        sampler: the loop and its noise levels (:class:`Sampler`).
         calibration_layers / calibration_bands: shape of the calibration built for ``adapt="gamma"``.
     """
 
-    def __init__(self, prior: Prior, op: Sense, kspace: torch.Tensor, settings: BiasReconSettings,
-                 calibration: FrequencyCalibration | None = None,
-                 calibration_layers: int = 24, calibration_bands: int = 3) -> None:
+    def __init__(self, prior: Prior, op: Sense, kspace: torch.Tensor, settings: BiasReconSettings, *,
+                 sampler: Sampler, calibration_layers: int = 24, calibration_bands: int = 3) -> None:
         if tuple(kspace.shape) != op.shape:
             raise InputError(f"k-space has shape {tuple(kspace.shape)}, expected {op.shape} for this operator")
-        self.s, self.op, self.y = settings, op, kspace
+        self.s, self.op, self.y, self.sampler = settings, op, kspace, sampler
         self.device = kspace.device
         self.gen = torch.Generator().manual_seed(settings.seed)
-        self.sigmas = settings.sigmas()
-        self.step_index = 0
+        self.sigmas = [float(v) for v in sampler.levels(settings.sigma_start, settings.sigma_end, settings.num_steps)]
         self.history: list[dict] = []
-        self.prior, self.calibration = prior, calibration
+        self.prior, self.calibration = prior, None
         if settings.adapt != "none" and not isinstance(prior, nn.Module):
             raise InputError(f"biasrecon.adapt={settings.adapt!r} needs the prior to be a torch nn.Module")
-        if settings.adapt == "gamma" and calibration is None:
+        if settings.adapt == "gamma":
             self.calibration = FrequencyCalibration(prior, layers="auto", num_layers=calibration_layers,
-                                                    bands=calibration_bands)
-        if settings.adapt == "full":
+                                                    bands=calibration_bands).attach()
+            self.params = [self.calibration.gamma]
+        elif settings.adapt == "full":
             self.prior = copy.deepcopy(prior)
             for p in self.prior.parameters():
                 p.requires_grad_(True)
-        if self.calibration is not None:
-            self.calibration.attach()
-        if settings.adapt == "gamma":
-            self.params = [self.calibration.gamma]
-        elif settings.adapt == "full":
             self.params = list(self.prior.parameters())
         else:
             self.params = []
@@ -261,19 +254,39 @@ class BiasRecon:
         self._best = [p.detach().clone() for p in self.params]
         self._iterate = [p.detach().clone() for p in self.params]
         self.val_loss_zero = self.val_loss_best = None
-        self.guarded = False  # final_guard has run (calibrate() then run() guards once)
+        self.calibrated = False  # calibrate() has run (calibrate() then run() calibrates once)
         self.calib_op, self.calib_y, self.calib_lambda = op, kspace, None
+        self.x: torch.Tensor | None = None  # the calibration's own iterate
         if self.params:  # the calibration's own iterate; the reconstruction starts afresh in x_step_chain
             if settings.calib_iterate == "theta":  # a fixed split: the iterate never sees y_Λc
                 theta_c, self.calib_lambda = self._split(torch.Generator().manual_seed(settings.seed + 3571))
                 self.calib_op, self.calib_y = theta_operator(op, theta_c), kspace * theta_c
-            with torch.no_grad():
-                x_sense = conjugate_gradient(self.calib_op.normal, self.calib_op.A_adjoint(self.calib_y), 1e-3,
-                                             max_iter=settings.cg_iters).x
-                self.x = x_sense + self.sigmas[0] * _complex_noise(tuple(x_sense.shape), self.gen, self.device)
             self._setup_validation()
             self.val_loss_zero = self.val_loss_best = self._validation_loss()
         self.adapt_steps = math.ceil(settings.adapt_fraction * len(self.sigmas)) if self.params else 0
+
+    # -- the x-step chain ---------------------------------------------------------------------------
+    def x_step_chain(self, op: Sense, kspace: torch.Tensor, lam: float | torch.Tensor, copies: int = 1,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every x-step (the sampler's loop, the prox as data consistency) from the SENSE start.
+
+        Deterministic for a seed; the batch may hold ``copies`` copies of ``n`` scans (SURE probes),
+        which receive the same noise. Shape: ``kspace`` ``(copies·n, C, H, W)``; ``lam`` a float or
+        ``(copies·n,)``; returns the final ``x₀`` and the last denoiser estimate ``x̂`` (before its
+        prox), each ``(copies·n, 1, H, W)``.
+        """
+        lam_t = torch.as_tensor(lam, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
+        last: dict[str, torch.Tensor] = {}
+
+        def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+            last["x_hat"] = x_hat
+            return prox(op, kspace, x_hat, lam_t, self.s.cg_iters)
+
+        x_start = _sense_start(op, kspace, self.s.cg_iters)
+        x0 = self.sampler(self.prior, tuple(x_start.shape), self.sigmas, dc=dc, eta=self.s.eta,
+                          generator=torch.Generator().manual_seed(self.s.seed), x_start=x_start, copies=copies,
+                          progress=progress)
+        return x0, last["x_hat"]
 
     # -- calibration ------------------------------------------------------------------------------
     def _split(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,10 +318,9 @@ class BiasRecon:
         self.val_op = theta_operator(self.op, theta)
         self.val_y = self.y * theta
         with torch.no_grad():  # a denoiser input from Θ_v alone, mid-schedule noise, fixed noise draw
-            x_theta = conjugate_gradient(self.val_op.normal, self.val_op.A_adjoint(self.val_y), 1e-3,
-                                         max_iter=self.s.cg_iters).x
+            x_theta = _sense_start(self.val_op, self.val_y, self.s.cg_iters)
         self.val_sigma = math.sqrt(self.sigmas[0] * self.sigmas[-1])
-        self.val_x = x_theta + self.val_sigma * _complex_noise(tuple(x_theta.shape), vgen, self.device)
+        self.val_x = x_theta + self.val_sigma * complex_normal(tuple(x_theta.shape), vgen, device=self.device)
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
@@ -321,23 +333,25 @@ class BiasRecon:
             for p, v in zip(self.params, values):
                 p.copy_(v)
 
-    def theta_step(self, sigma: float) -> float:
-        """A few Adam steps on the calibration parameters at noise level ``sigma``; the last loss."""
+    def theta_step(self, x: torch.Tensor, sigma: float) -> float:
+        """A few Adam steps on the calibration parameters, denoising the iterate ``x`` at level ``sigma``;
+        the last loss. Leaves the best parameters so far in place (the x-step denoises with them)."""
         self._set_params(self._iterate)  # Adam continues from its own iterate, not from the kept best
         loss_value = float("nan")
-        for _ in range(self.s.theta_steps):
-            if self.calib_lambda is None:
-                theta, lam_mask = self._split(self.gen)
-                theta_op, y_theta = theta_operator(self.op, theta), self.y * theta
-            else:
-                theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, self.calib_lambda
-            x_hat = self.prior.denoise(self.x.detach(), sigma)
-            x_dc = prox(theta_op, y_theta, x_hat, self.s.lam, self.s.cg_iters)
-            loss = heldout_loss(self.op, self.y, x_dc, lam_mask)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_value = float(loss.detach())
+        with torch.enable_grad():
+            for _ in range(self.s.theta_steps):
+                if self.calib_lambda is None:
+                    theta, lam_mask = self._split(self.gen)
+                    theta_op, y_theta = theta_operator(self.op, theta), self.y * theta
+                else:
+                    theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, self.calib_lambda
+                x_hat = self.prior.denoise(x.detach(), sigma)
+                x_dc = prox(theta_op, y_theta, x_hat, self.s.lam, self.s.cg_iters)
+                loss = heldout_loss(self.op, self.y, x_dc, lam_mask)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss_value = float(loss.detach())
         self._iterate = [p.detach().clone() for p in self.params]
         val = self._validation_loss()
         if val < self.val_loss_best:
@@ -345,32 +359,23 @@ class BiasRecon:
         self._set_params(self._best)
         return loss_value
 
-    def step(self) -> dict:
-        """One calibration step: θ-step, then the x-step with the kept parameters, at the next level."""
-        i = self.step_index
-        if i >= self.adapt_steps:
-            raise RuntimeError("BiasRecon: every calibration step has been taken")
-        sigma = self.sigmas[i]
-        loss = self.theta_step(sigma)
-        with torch.no_grad():
-            x0 = prox(self.calib_op, self.calib_y, self.prior.denoise(self.x, sigma), self.s.lam, self.s.cg_iters)
-            noise = _complex_noise(tuple(self.x.shape), self.gen, self.device)
-            self.x = _renoise(self.x, x0, sigma, self.sigmas[min(i + 1, len(self.sigmas) - 1)], self.s.eta, noise)
+    def _calibration_step(self, x: torch.Tensor, sigma: float) -> dict:
+        """The θ-step at the calibration iterate ``x`` (level ``sigma``) and its history record."""
+        self.x = x
+        loss = self.theta_step(x, sigma)
         record = {
-            "step": i,
+            "step": len(self.history),
             "sigma": sigma,
             "loss": loss,
             "val_loss": self.val_loss_best,
             "gamma": self.calibration.gamma.detach().cpu().tolist() if self.s.adapt == "gamma" else None,
         }
         self.history.append(record)
-        self.step_index += 1
         return record
 
     def chain_heldout_loss(self) -> float:
         """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters)."""
-        x0, _ = x_step_chain(self.prior, self.val_op, self.val_y, self.s.lam, self.sigmas, self.s.eta,
-                             self.s.seed, self.s.cg_iters)
+        x0, _ = self.x_step_chain(self.val_op, self.val_y, self.s.lam)
         return float(heldout_loss(self.op, self.y, x0, self.val_lambda))
 
     def final_guard(self) -> None:
@@ -386,7 +391,6 @@ class BiasRecon:
             self.val_loss_best = kept
         else:
             self._best, self.val_loss_best = zero, reference
-        self.guarded = True
 
     # -- λ-step and the reconstruction --------------------------------------------------------
     @torch.no_grad()
@@ -397,44 +401,49 @@ class BiasRecon:
         ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴy + λx̂)`` changes only the measured part, so the measurement-
         domain risk that SURE estimates is the error that λ controls.
         Maths: ``SURE(λ) = ‖y − f(y)‖² − mσ² + σ² Re⟨b, f(y + εb) − f(y)⟩/ε`` over the ``m``
-        sampled entries, ``b = M(n₁ + i n₂)``, ``ε = sure_epsilon·σ``, ``f(y) = A x₀(y; λ)``
-        through the whole chain (``x̂`` depends on ``y``).
+        sampled entries (:func:`recon.sure.sure_over_grid`), ``b = M(n₁ + i n₂)``,
+        ``ε = sure_epsilon·σ``, ``f(y) = A x₀(y; λ)`` through the whole chain (``x̂`` depends on ``y``).
         """
         sigma = self.noise_sigma
         n = self.y.shape[0]
-        probe_gen = torch.Generator().manual_seed(self.s.seed + 104729)
-        b = _complex_noise(tuple(self.y.shape), probe_gen, self.device) * (self.op.mask != 0)
+        b = probe(self.op.mask, tuple(self.y.shape), torch.Generator().manual_seed(self.s.seed + 104729),
+                  device=self.device)
         eps = self.s.sure_epsilon * max(sigma, 1e-8)
         ys = torch.cat([self.y, self.y + eps * b])
         mask = self.op.mask.repeat(2, 1, 1, 1) if self.op.mask.dim() == 4 else self.op.mask
         pair = Sense(self.op.sens_maps.repeat(2, 1, 1, 1), mask, fused=self.op.fused)
-        _, x_hat = x_step_chain(self.prior, pair, ys, self.s.lam, self.sigmas, self.s.eta, self.s.seed,
-                                self.s.cg_iters, tile=2)
-        m = sampled_count(self.op.mask, tuple(self.y.shape))
-        curve, images = [], []
-        for lam in self.s.lam_grid:
+        _, x_hat = self.x_step_chain(pair, ys, self.s.lam, copies=2)
+        images: list[torch.Tensor] = []
+
+        def measure(lam: float) -> tuple[torch.Tensor, torch.Tensor]:
             x0 = prox(pair, ys, x_hat, lam, self.s.cg_iters)
-            f = pair.A(x0)
-            fit = float(torch.sum(torch.abs(self.y - f[:n]) ** 2))
-            div = float(torch.sum(b.conj() * (f[n:] - f[:n])).real) / eps
-            curve.append((float(lam), fit - m * sigma**2 + sigma**2 * div))
             images.append(x0[:n])
-        best = min(range(len(curve)), key=lambda j: curve[j][1])
-        return curve[best][0], images[best], curve
+            f = pair.A(x0)
+            return f[:n], f[n:]
+
+        choice = sure_over_grid(self.y, b, eps, sigma, sampled_count(self.op.mask, tuple(self.y.shape)),
+                                self.s.lam_grid, measure)
+        return choice.lam, images[choice.index], choice.curve
 
     def calibrate(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> None:
-        """Every remaining calibration step, then :meth:`final_guard` (nothing when nothing is calibrated).
+        """Every calibration step along the sampler's loop, then :meth:`final_guard` (nothing when
+        nothing is calibrated, or when it has run already).
 
         Leaves the kept parameters in place (the calibration stays attached): use it to fit a site's γ
         once (mode site) with the same guarantee as :meth:`run` — the kept γ's chain predicts ``y_Λv``
-        no worse than γ = 0's.
+        no worse than γ = 0's. ``callback(record)`` after each θ-step (the record of :attr:`history`).
         """
-        for _ in tqdm(range(self.step_index, self.adapt_steps), desc="calibrate", disable=not progress, leave=False):
-            record = self.step()
-            if callback is not None:
-                callback(record)
-        if self.params and not self.guarded:
-            self.final_guard()
+        if not self.params or self.calibrated:
+            return
+        if self.adapt_steps:
+            with torch.no_grad():
+                x_start = _sense_start(self.calib_op, self.calib_y, self.s.cg_iters)
+            dc = lambda x_hat, sigma: prox(self.calib_op, self.calib_y, x_hat, self.s.lam, self.s.cg_iters)  # noqa: E731
+            self.x = self.sampler(_CalibratingPrior(self, callback), tuple(x_start.shape),
+                                  self.sigmas[: self.adapt_steps], dc=dc, eta=self.s.eta, generator=self.gen,
+                                  x_start=x_start, progress=progress)
+        self.final_guard()
+        self.calibrated = True
 
     def run(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> BiasReconResult:
         """Calibrate (if asked), then the λ-step (if asked) or one x-step chain at the fixed λ."""
@@ -447,8 +456,7 @@ class BiasRecon:
                 lam, image, curve = self.lambda_step()
             else:
                 self.noise_sigma, lam, curve = self.s.noise_sigma, self.s.lam, []
-                image, _ = x_step_chain(self.prior, self.op, self.y, lam, self.sigmas, self.s.eta, self.s.seed,
-                                        self.s.cg_iters, progress=progress)
+                image, _ = self.x_step_chain(self.op, self.y, lam, progress=progress)
         finally:
             if self.calibration is not None:
                 self.calibration.detach()

@@ -1,20 +1,110 @@
-"""Coil sensitivities (ESPIRiT through sigpy) and root-sum-of-squares coil combination.
+"""Coil sensitivities (ESPIRiT through sigpy), the scan's fully sampled centre, and RSS coil combination.
 
 Sensitivity maps have the shape of k-space, ``(coils, H, W)`` or ``(batch, coils, H, W)``,
 ``torch.complex64``. The SENSE combination ``sum_c conj(S_c) x_c`` is the adjoint of the Sense
-operator and lives in :mod:`recon.operators`.
+operator and lives in :mod:`recon.operators`. The centre detector (:func:`detect_acs`) is the one
+the maps (ESPIRiT's calibration block, :func:`acs_width`) and BiasRecon's Θ/Λ split both use.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from recon.errors import InputError
+from recon.masks import center_box
 
-__all__ = ["espirit_maps", "rss"]
+if TYPE_CHECKING:  # recon.data imports this module (rss)
+    from recon.data.sample import Sample
+
+__all__ = ["detect_acs", "acs_width", "espirit_maps", "sensitivity_maps", "ESPIRIT_CROP", "rss"]
 
 _ESPIRIT_KERNEL_WIDTH = 6  # sigpy's default calibration kernel width
+_MIN_CALIB_WIDTH = 7  # espirit_maps needs calib_width > its kernel width 6
+_MAX_CALIB_WIDTH = 24  # sigpy's default calibration width
+
+ESPIRIT_CROP = 0.1
+"""ESPIRiT eigenvalue crop of :func:`sensitivity_maps` (sigpy's default 0.95 fails on small ACS)."""
+
+
+def _largest_sampled(sampled: torch.Tensor, boxes: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """The centre detector: the largest of nested central boxes (given smallest first) that the mask
+    samples completely, or ``None``. Empty boxes are passed over; the scan stops at the first box
+    with an unsampled entry (a larger box contains it).
+
+    Shape: ``sampled`` ``(H, W)`` bool; each box ``(H, W)`` bool.
+    """
+    best = None
+    for box in boxes:
+        if not bool(box.any()):
+            continue
+        if not bool(sampled[box].all()):
+            break
+        best = box
+    return best
+
+
+def detect_acs(mask: torch.Tensor) -> torch.Tensor:
+    """The fully sampled centre of a sampling mask (its auto-calibration region), as a 0/1 mask.
+
+    Maths: for a mask constant along ``H`` (1-D Cartesian), the longest run of sampled columns that
+    contains the centre column ``W // 2`` (all rows); otherwise the largest central box
+    :func:`recon.masks.center_box` ``((H, W), k / max(H, W))`` that the mask samples completely.
+    All zeros when the centre itself is not sampled.
+    Shape: ``mask`` ``(H, W)`` of 0/1 (float or bool); returns ``(H, W)`` float32 on its device.
+
+    Raises:
+        InputError: a mask that is not a real ``(H, W)`` tensor.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_complex():
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"detect_acs: mask must be a real (H, W) tensor of 0/1, got {got}.")
+    sampled = mask != 0
+    height, width = int(mask.shape[0]), int(mask.shape[1])
+    out = torch.zeros(height, width, dtype=torch.float32, device=mask.device)
+    if bool(torch.equal(sampled, sampled[:1].expand_as(sampled))):  # 1-D Cartesian: a run of columns
+        cols = sampled[0].tolist()
+        centre = width // 2
+        if not cols[centre]:
+            return out
+        lo, hi = centre, centre
+        while lo > 0 and cols[lo - 1]:
+            lo -= 1
+        while hi < width - 1 and cols[hi + 1]:
+            hi += 1
+        out[:, lo : hi + 1] = 1
+        return out
+    side = max(height, width)
+    boxes = (center_box((height, width), k / side).to(mask.device) != 0 for k in range(1, side + 1))
+    best = _largest_sampled(sampled, boxes)
+    return out if best is None else best.to(torch.float32)
+
+
+def _espirit_square(height: int, width: int, side: int, device: torch.device) -> torch.Tensor:
+    """The ``side × side`` block sigpy's ``EspiritCalib`` crops: rows from ``H//2 − side//2``, columns likewise."""
+    box = torch.zeros(height, width, dtype=torch.bool, device=device)
+    h0, w0 = height // 2 - side // 2, width // 2 - side // 2
+    box[h0:h0 + side, w0:w0 + side] = True
+    return box
+
+
+def acs_width(mask: torch.Tensor, limit: int = _MAX_CALIB_WIDTH) -> int:
+    """Side of the largest fully sampled central square of a mask, at most ``limit`` (ESPIRiT's block).
+
+    Maths: largest ``c ≤ limit`` with ``M[h₀:h₀+c, w₀:w₀+c] = 1``, ``h₀ = H//2 − c//2``,
+    ``w₀ = W//2 − c//2`` (the block sigpy's ``EspiritCalib`` crops), by the centre detector of
+    :func:`detect_acs` on these squares; 0 if none.
+
+    Shape: ``mask`` ``(H, W)`` (or with leading singleton dims); returns an int.
+    """
+    height, width = mask.shape[-2:]
+    sampled = mask.reshape(-1, height, width)[0] != 0
+    sides = range(1, min(int(limit), height, width) + 1)
+    best = _largest_sampled(sampled, (_espirit_square(height, width, c, mask.device) for c in sides))
+    return 0 if best is None else int(best.any(dim=0).sum())
 
 
 def espirit_maps(
@@ -97,6 +187,41 @@ def espirit_maps(
     if not batched:
         maps = maps[0]
     return torch.from_numpy(maps).to(kspace.device)
+
+
+def sensitivity_maps(sample: "Sample", oracle: bool = False, max_calib_width: int = _MAX_CALIB_WIDTH,
+                     crop: float = ESPIRIT_CROP) -> torch.Tensor:
+    """Coil sensitivities of a slice, shared by every method.
+
+    Maths: ESPIRiT (:func:`espirit_maps`) on the sample's fully sampled centre of side
+    :func:`acs_width` (≤ ``max_calib_width``), maps zeroed where the ESPIRiT eigenvalue is below
+    ``crop``; single-coil data get a map of ones; ``oracle=True`` returns the sample's stored true
+    maps (simulated sites), an upper bound that real data do not have.
+
+    The crop is low (:data:`ESPIRIT_CROP`) because small calibration regions (8-12 lines, e.g.
+    8 % of 96-128 columns) give eigenvalues well below 1 inside the object: sigpy's 0.95 then
+    zeroes the maps over parts of the anatomy and SENSE-type solves diverge there.
+
+    Shape: returns ``(C, H, W)`` complex64.
+
+    Raises:
+        InputError: ``oracle`` without stored maps, or a centre too small for ESPIRiT.
+    """
+    source = f"{sample.fname} (slice {sample.slice_idx})"
+    if oracle:
+        if sample.sens_maps is None:
+            raise InputError(f"{source}: key 'sens_maps' is missing, expected true maps in the file for oracle maps.")
+        return sample.sens_maps
+    if sample.kspace.shape[0] == 1:
+        return torch.ones_like(sample.kspace)
+    width = acs_width(sample.mask, max_calib_width)
+    if width < _MIN_CALIB_WIDTH:
+        raise InputError(
+            f"{source}: key 'mask' has a fully sampled centre of {width} x {width}, expected at least "
+            f"{_MIN_CALIB_WIDTH} x {_MIN_CALIB_WIDTH} for ESPIRiT "
+            f"(raise acquisition.center_fraction or use oracle maps)."
+        )
+    return espirit_maps(sample.kspace, calib_width=width, crop=float(crop))
 
 
 def rss(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torch.Tensor:

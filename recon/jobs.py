@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,6 @@ __all__ = [
     "Ranks",
     "init_ranks",
     "config_hash",
-    "file_sha256",
     "volume_hash",
     "VolumesDone",
     "run_volumes",
@@ -47,6 +47,7 @@ __all__ = [
     "OneLineParser",
     "check_output_folder",
     "is_inside",
+    "run_main",
 ]
 
 
@@ -122,15 +123,6 @@ def volume_hash(settings: dict, path: Path, slices: Sequence[int]) -> str:
                         "slices": [int(i) for i in slices]})
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file's bytes (read in 1 MiB blocks): the identity of a prior checkpoint."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_record(path: Path, expected_hash: str, outputs: Sequence[Path]) -> dict | None:
     """The record of a finished volume, or ``None`` when it must be (re)done.
 
@@ -170,13 +162,15 @@ class VolumesDone:
 
 def run_volumes(ranks: Ranks, volumes: Sequence[tuple[Path, Sequence[int]]], settings: dict, out: Path,
                 methods: Sequence[str],
-                compute: Callable[[int], tuple[dict[str, np.ndarray], dict, list[float]]]) -> VolumesDone | None:
+                compute: Callable[[int], tuple[dict[str, np.ndarray], dict, list[float]]],
+                extra_outputs: Callable[[int], Sequence[Path]] | None = None) -> VolumesDone | None:
     """This rank's share of the volumes, each skipped when done, else computed, written and recorded.
 
     ``volumes[k]`` is ``(input path, slice indices)`` in dataset order; rank ``r`` takes ``k ≡ r mod N``.
     ``compute(k)`` returns ``({method: (slices, h, w) volume}, record facts, timings)``; the volumes are
     written as ``out/reconstructions/<method>/<file>`` (atomically), then the record
     ``out/records/<file>.json`` with the volume's config hash (:func:`volume_hash`) and ``file``.
+    ``extra_outputs(k)``: files ``compute(k)`` writes itself (atomically), which a skipped volume must have too.
 
     Returns:
         On rank 0 every rank's records gathered (:class:`VolumesDone`); ``None`` on the other ranks.
@@ -189,7 +183,8 @@ def run_volumes(ranks: Ranks, volumes: Sequence[tuple[Path, Sequence[int]]], set
         digest = volume_hash(settings, path, slices)
         outputs = {m: out / "reconstructions" / m / path.name for m in methods}
         record_path = out / "records" / f"{path.name}.json"
-        record = read_record(record_path, digest, list(outputs.values()))
+        extra = list(extra_outputs(k)) if extra_outputs is not None else []
+        record = read_record(record_path, digest, [*outputs.values(), *extra])
         if record is None:
             images, facts, spent = compute(k)
             for method, volume in images.items():
@@ -259,3 +254,25 @@ def check_output_folder(out: Path, inputs: Sequence[Path]) -> None:
             raise InputError(
                 f"{out}: key '--out' lies in the input data folder {folder.resolve()}, expected a separate folder."
             )
+
+
+def run_main(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
+             input_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """A script's entry point: ``run(argv)``'s exit code, or 2 with one ``error:`` line on bad input
+    (:class:`InputError`, an omegaconf error, and ``input_errors`` such as a checkpoint's), or
+    ``128 + signal`` after SIGTERM / SIGINT (the finished volumes kept for a rerun to skip)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with interruptible():
+            return run(argv)
+    except (InputError, *input_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        print(f"error: configuration: key '{key}' is invalid ({str(exc).strip().splitlines()[0]}).", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"{exc}: finished volumes are kept; rerun the same command to complete the set.", file=sys.stderr)
+        return 128 + exc.signum

@@ -55,6 +55,18 @@ def _pair(target: Any, pred: Any, caller: str) -> tuple[np.ndarray, np.ndarray]:
     return gt, rec
 
 
+def _check_range(x: np.ndarray, name: str, caller: str) -> None:
+    """SSIM multiplies squared means in the inputs' own float type (fourth powers): refuse values for
+    which they overflow (a NaN SSIM). float32: magnitudes up to about 3e8."""
+    limit = float(np.finfo(x.dtype).max) ** 0.25 / 4
+    largest = float(np.max(np.abs(x)))
+    if not largest < limit:  # also catches NaN
+        raise InputError(
+            f"{caller}: {name} holds a magnitude of {largest:.3g}, expected finite values below {limit:.3g} "
+            f"({x.dtype}: SSIM takes their fourth powers)."
+        )
+
+
 def _maxval(gt: np.ndarray, maxval: float | None, caller: str) -> float:
     value = float(gt.max()) if maxval is None else float(maxval)
     if not value > 0:
@@ -121,6 +133,10 @@ def ssim(target: Any, pred: Any, maxval: float | None = None) -> float:
 
     Returns:
         SSIM as a Python float.
+
+    Raises:
+        InputError: a target too small for the window, an all-zero target, or target values so large
+            that their fourth powers overflow the target's float type (SSIM would be NaN).
     """
     gt, rec = _pair(target, pred, "ssim")
     if min(gt.shape[-2:]) < _SSIM_WINDOW:
@@ -128,6 +144,7 @@ def ssim(target: Any, pred: Any, maxval: float | None = None) -> float:
             f"ssim: target of shape {gt.shape} is too small, expected H and W of at least {_SSIM_WINDOW}."
         )
     value = _maxval(gt, maxval, "ssim")
+    _check_range(gt, "target", "ssim")
     return float(fastmri_evaluate.ssim(gt, rec, maxval=value)[0])
 
 

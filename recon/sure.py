@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,8 +29,13 @@ from recon.operators import LinearOperator, SingleCoil
 __all__ = [
     "estimate_sigma",
     "sampled_count",
+    "complex_normal",
+    "probe",
+    "probe_divergence",
     "mc_divergence",
     "sure",
+    "SureCurve",
+    "sure_over_grid",
     "sure_prox",
     "sure_prox_closed_form",
     "LambdaSearch",
@@ -77,28 +82,81 @@ def estimate_sigma(kspace: torch.Tensor, mask: torch.Tensor | None = None, outer
     return float(mad * _MAD_TO_STD * math.sqrt(2.0))
 
 
+def complex_normal(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n₁ + i n₂``, ``n₁, n₂ ~ N(0, 1)``: recon's one random draw (SURE probes, the validation input).
+
+    Drawn on the CPU from ``generator`` and then moved, so a seed gives the same numbers on any device.
+    Shape: ``shape``, complex of the real ``dtype``, on ``device``.
+    """
+    pair = torch.randn(tuple(shape) + (2,), generator=generator, dtype=dtype, device="cpu")
+    return torch.view_as_complex(pair).to(device)
+
+
+def probe(mask: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator,
+          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A SURE probe on the sampled entries: ``b = M ⊙ (n₁ + i n₂)``.
+
+    Shape: ``mask`` broadcastable to k-space ``shape``; returns ``shape`` complex.
+    """
+    return complex_normal(shape, generator, dtype, device) * (mask != 0)
+
+
+def probe_divergence(b: torch.Tensor, f_y: torch.Tensor, f_probed: torch.Tensor, epsilon: float) -> float:
+    """One probe's divergence estimate: ``Re⟨b, f(y + εb) − f(y)⟩ / ε`` (complex as real pairs).
+
+    Shape: the three k-space tensors have one shape.
+    """
+    return float(torch.sum(b.conj() * (f_probed - f_y)).real) / epsilon
+
+
 def mc_divergence(f: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, mask: torch.Tensor,
                   generator: torch.Generator, epsilon: float | None = None, probes: int = 1) -> float:
     """Monte-Carlo divergence of ``f`` at ``y`` over the sampled entries, complex as real pairs.
 
-    Maths: ``div f ≈ (1/P) Σ_p Re⟨b_p, f(y + ε b_p) − f(y)⟩ / ε``, ``b_p = M ⊙ (z₁ + i z₂)``.
+    Maths: ``div f ≈ (1/P) Σ_p Re⟨b_p, f(y + ε b_p) − f(y)⟩ / ε``, ``b_p = M ⊙ (z₁ + i z₂)``
+    (:func:`probe`, :func:`probe_divergence`).
     Shape: ``y`` k-space ``(B, C, H, W)``; ``f`` maps it to the same shape.
     """
     if epsilon is None:
         epsilon = 1e-3 * max(float(y.abs().max()), 1e-12)
     fy = f(y)
     total = 0.0
-    sampled = torch.broadcast_to(mask != 0, y.shape).to(y.real.dtype)
     for _ in range(probes):
-        z = torch.randn(y.shape + (2,), generator=generator, dtype=y.real.dtype, device="cpu").to(y.device)
-        b = torch.view_as_complex(z) * sampled
-        total += float(torch.sum(b.conj() * (f(y + epsilon * b) - fy)).real) / epsilon
+        b = probe(mask, tuple(y.shape), generator, y.real.dtype, y.device)
+        total += probe_divergence(b, fy, f(y + epsilon * b), epsilon)
     return total / probes
 
 
 def sure(y: torch.Tensor, fy: torch.Tensor, divergence: float, sigma: float, m: int) -> float:
     """``SURE = ‖y − f(y)‖² − m σ² + σ² div`` over the ``m`` sampled complex entries (``fy`` masked like ``y``)."""
     return float(torch.sum(torch.abs(y - fy) ** 2)) - m * sigma**2 + sigma**2 * divergence
+
+
+@dataclass
+class SureCurve:
+    """Result of :func:`sure_over_grid`: the chosen λ, its index in the grid, and ``[(λ, SURE(λ))]``."""
+
+    lam: float
+    index: int
+    curve: list[tuple[float, float]]
+
+
+def sure_over_grid(y: torch.Tensor, b: torch.Tensor, epsilon: float, sigma: float, m: int, grid: Sequence[float],
+                   measure: Callable[[float], tuple[torch.Tensor, torch.Tensor]]) -> SureCurve:
+    """The λ-step: Monte-Carlo SURE of ``f_λ`` at every grid point, and its minimiser.
+
+    Maths: ``SURE(λ) = ‖y − f_λ(y)‖² − mσ² + σ² Re⟨b, f_λ(y + εb) − f_λ(y)⟩/ε`` (:func:`sure`,
+    :func:`probe_divergence`); ties go to the first grid point.
+    Shape: ``y``, ``b`` k-space ``(B, C, H, W)``; ``measure(λ)`` returns ``(f_λ(y), f_λ(y + εb))``,
+    each of that shape.
+    """
+    curve = []
+    for lam in grid:
+        f_y, f_probed = measure(float(lam))
+        curve.append((float(lam), sure(y, f_y, probe_divergence(b, f_y, f_probed, epsilon), sigma, m)))
+    best = min(range(len(curve)), key=lambda j: curve[j][1])
+    return SureCurve(curve[best][0], best, curve)
 
 
 def sure_prox(op: LinearOperator, y: torch.Tensor, x_hat: torch.Tensor, lam: float, sigma: float,

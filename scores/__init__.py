@@ -9,8 +9,8 @@ low-resolution (centre-of-k-space) image is 1, with noise ``x = x0 + sigma (n_re
 from scores.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from scores.config import PriorConfig, load_prior_config
 from scores.model import ScoreModel, channels_to_complex, complex_to_channels
-from scores.samplers import Denoiser, sample_predictor_corrector, sample_tweedie_dc
-from scores.sde import VESchedule, VPSchedule, build_schedule
+from scores.samplers import Denoiser, TweedieSampler, sample_predictor_corrector, sample_tweedie_dc
+from scores.sde import VESchedule, VPSchedule, build_schedule, geometric_levels
 
 __all__ = [
     "ScoreModel",
@@ -18,10 +18,12 @@ __all__ = [
     "channels_to_complex",
     "Denoiser",
     "sample_tweedie_dc",
+    "TweedieSampler",
     "sample_predictor_corrector",
     "VESchedule",
     "VPSchedule",
     "build_schedule",
+    "geometric_levels",
     "PriorConfig",
     "load_prior_config",
     "CheckpointError",

@@ -61,13 +61,15 @@ def score_from_denoised(denoised: Tensor, x: Tensor, sigma: float | Tensor) -> T
 def complex_noise(
     shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str = "cpu"
 ) -> Tensor:
-    """Complex standard noise with per-real-channel variance 1.
+    """Complex standard noise with per-real-channel variance 1: the one draw of the samplers and training.
 
     Maths: ``z = n_re + i n_im``, ``n_re, n_im ~ N(0, 1)``.
-    Shape: ``shape`` complex64.
+    Shape: ``shape`` complex64 on ``device``. Drawn on the generator's device and then moved, so a
+    CPU generator gives the same numbers for data on any device.
     """
-    pair = torch.randn((*shape, 2), generator=generator, device=device, dtype=torch.float32)
-    return torch.view_as_complex(pair)
+    source = generator.device if generator is not None else device
+    pair = torch.randn((*shape, 2), generator=generator, device=source, dtype=torch.float32)
+    return torch.view_as_complex(pair).to(device)
 
 
 def sigma_as_batch(sigma: float | Tensor, x: Tensor) -> Tensor:

@@ -18,11 +18,19 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto asks notebooks for ipywidgets (IProgress)
 
 from scores.model import complex_noise, score_from_denoised
+from scores.sde import geometric_levels
 
-__all__ = ["Denoiser", "DataConsistency", "Callback", "sample_tweedie_dc", "sample_predictor_corrector"]
+__all__ = [
+    "Denoiser",
+    "DataConsistency",
+    "Callback",
+    "sample_tweedie_dc",
+    "TweedieSampler",
+    "sample_predictor_corrector",
+]
 
 
 @runtime_checkable
@@ -51,12 +59,27 @@ def _as_sigmas(sigmas: Sequence[float] | Tensor) -> list[float]:
     return values
 
 
+def _noise(shape: Sequence[int], generator: torch.Generator | None, device, copies: int = 1) -> Tensor:
+    """Complex standard noise of ``shape``; with ``copies > 1`` the batch is ``copies`` stacked copies
+    of ``B / copies`` images that receive the same draw (common random numbers)."""
+    shape = tuple(shape)
+    if copies < 1 or shape[0] % copies:
+        raise ValueError(f"copies must divide the batch {shape[0]}, got {copies}.")
+    draw = complex_noise((shape[0] // copies, *shape[1:]), generator, device)
+    return draw.repeat(copies, *([1] * (len(shape) - 1)))
+
+
 def _initial(
-    shape: Sequence[int], sigma0: float, x_init: Tensor | None, generator: torch.Generator | None, device
+    shape: Sequence[int], sigma0: float, x_init: Tensor | None, x_start: Tensor | None,
+    generator: torch.Generator | None, device, copies: int = 1,
 ) -> Tensor:
+    if x_init is not None and x_start is not None:
+        raise ValueError("give x_init (an iterate at sigmas[0]) or x_start (a clean start), not both.")
     if x_init is not None:
         return x_init.to(device=device, dtype=torch.complex64).clone()
-    return sigma0 * complex_noise(tuple(shape), generator, device)
+    if x_start is None:
+        return sigma0 * _noise(shape, generator, device, copies)
+    return x_start + sigma0 * _noise(shape, generator, x_start.device, copies)
 
 
 @torch.no_grad()
@@ -70,14 +93,18 @@ def sample_tweedie_dc(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     x_init: Tensor | None = None,
+    x_start: Tensor | None = None,
+    copies: int = 1,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """Fast sampler: Tweedie estimate -> data consistency -> renoise (DDS / DiffPIR style).
 
-    One network evaluation per level, so ``len(sigmas) <= 100`` evaluations in total.
+    The project's one denoise → data consistency → renoise loop: BiasRecon's x-steps
+    (``recon.biasrecon``, through :class:`TweedieSampler`) run it too. One network evaluation per
+    level, so ``len(sigmas) <= 100`` evaluations in total.
 
-    Maths: ``x_N = sigma_N z`` (or ``x_init``); for each level ``s_i``:
+    Maths: ``x = sigma_0 z`` (or ``x_init``, or ``x_start + sigma_0 z``); for each level ``s_i``:
     ``x0 = dc(D(x, s_i), s_i)``; ``eps = (x - x0) / s_i``;
     ``x <- x0 + s_{i+1} (sqrt(1 - eta^2) eps + eta z)``, ``z`` fresh complex noise.
     ``eta = 1`` renoises with fresh noise (DDS / DiffPIR), ``eta = 0`` is the deterministic DDIM
@@ -90,16 +117,19 @@ def sample_tweedie_dc(
         sigmas: strictly decreasing positive noise levels.
         dc: data consistency applied to each Tweedie estimate; None for unconditional sampling.
         eta: share of fresh noise in the renoising step, in [0, 1].
-        generator: source of all noise (seeded by the caller).
+        generator: source of all noise (seeded by the caller; draws are made on its device).
         device: device of the samples.
         x_init: starting iterate at noise level ``sigmas[0]`` instead of ``sigmas[0] * z``.
+        x_start: a clean starting estimate (e.g. SENSE), renoised to ``sigmas[0]``: ``x_start + sigmas[0] z``.
+        copies: the batch is ``copies`` stacked copies of ``B / copies`` images that share every noise
+            draw (common random numbers, e.g. a finite-difference probe pushed through the sampler).
         progress: show a tqdm bar.
         callback: ``callback(step, x, x0)`` after every step.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}.")
     levels = _as_sigmas(sigmas)
-    x = _initial(shape, levels[0], x_init, generator, device)
+    x = _initial(shape, levels[0], x_init, x_start, generator, device, copies)
     x0 = x
     for i in tqdm(range(len(levels)), desc="sampling", disable=not progress, leave=False):
         s = levels[i]
@@ -108,7 +138,7 @@ def sample_tweedie_dc(
             x0 = dc(x0, s)
         if i + 1 < len(levels):
             s_next = levels[i + 1]
-            noise = complex_noise(x.shape, generator, x.device) if eta > 0 else 0.0
+            noise = _noise(x.shape, generator, x.device, copies) if eta > 0 else 0.0
             eps = (x - x0) / s
             x = x0 + s_next * (math.sqrt(1.0 - eta**2) * eps + eta * noise)
         else:
@@ -116,6 +146,25 @@ def sample_tweedie_dc(
         if callback is not None:
             callback(i, x, x0)
     return x0
+
+
+class TweedieSampler:
+    """:func:`sample_tweedie_dc` with its noise levels (:func:`scores.sde.geometric_levels`), as one object.
+
+    This is what the scripts hand to ``recon.biasrecon.BiasRecon`` (its ``Sampler`` protocol): the
+    optimizer asks it for the levels and runs its loop, instead of having a loop of its own.
+    Shape: as :func:`sample_tweedie_dc`.
+    """
+
+    @staticmethod
+    def levels(start: float, end: float, count: int) -> list[float]:
+        """``count`` geometric levels from ``start`` to ``end`` (:func:`scores.sde.geometric_levels`)."""
+        return geometric_levels(start, end, count)
+
+    def __call__(self, denoiser: Denoiser, shape: Sequence[int], sigmas: Sequence[float] | Tensor,
+                 **options: object) -> Tensor:
+        """:func:`sample_tweedie_dc` with the same arguments."""
+        return sample_tweedie_dc(denoiser, shape, sigmas, **options)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -160,7 +209,7 @@ def sample_predictor_corrector(
         callback: ``callback(step, x, x0)`` after every level with ``x0 = m``, the mean of the predictor.
     """
     levels = _as_sigmas(sigmas)
-    x = _initial(shape, levels[0], x_init, generator, device)
+    x = _initial(shape, levels[0], x_init, None, generator, device)
     batch = x.shape[0]
 
     def norms(v: Tensor) -> Tensor:

@@ -15,7 +15,22 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSchedule", "VESchedule", "VPSchedule", "build_schedule"]
+__all__ = ["geometric_levels", "NoiseSchedule", "VESchedule", "VPSchedule", "build_schedule"]
+
+
+def geometric_levels(start: float, end: float, count: int) -> list[float]:
+    """The sampler's noise levels: ``count`` geometric levels from ``start`` down to ``end``.
+
+    Maths: ``s_i = start · r^i``, ``r = (end / start)^(1 / (count − 1))``, ``i = 0 … count − 1``;
+    one level is ``[end]`` (a single denoising at the lowest level).
+    Shape: a list of ``count`` Python floats, decreasing.
+    """
+    if count < 1 or not (start > end > 0):
+        raise ValueError(f"geometric_levels expects count >= 1 and start > end > 0, got {count}, {start}, {end}.")
+    if count == 1:
+        return [end]
+    ratio = (end / start) ** (1 / (count - 1))
+    return [start * ratio**i for i in range(count)]
 
 
 @runtime_checkable
@@ -67,7 +82,7 @@ class VESchedule:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
         if num_steps == 1:
             return torch.tensor([self.sigma_max], dtype=torch.float64)
-        return self.sigma(torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64))
+        return torch.tensor(geometric_levels(self.sigma_max, self.sigma_min, num_steps), dtype=torch.float64)
 
     def __repr__(self) -> str:
         return f"VESchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"

@@ -40,11 +40,10 @@ from typing import Callable
 import fastmri
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recon.atomic import write_text  # noqa: E402
-from recon.fft import fft2c, fft2c_shifted, ifft2c_shifted  # noqa: E402
-from recon.operators import Sense  # noqa: E402
+from recon.atomic import write_text
+from recon.fft import fft2c, fft2c_shifted, ifft2c_shifted
+from recon.operators import Sense
+from scores.priors import DEFAULT_PRIOR, bundled_priors
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
@@ -124,7 +123,8 @@ def speed(device: torch.device, repeats: int) -> list[tuple[str, str, float, flo
     return rows
 
 
-def pipeline(device: torch.device, coils: int, h: int, w: int, steps: int, slices: int) -> list[tuple[str, float, float]]:
+def pipeline(device: torch.device, coils: int, h: int, w: int, steps: int, slices: int,
+             prior_name: str = DEFAULT_PRIOR) -> list[tuple[str, float, float]]:
     """Seconds per slice and peak memory of the unadapted prior and of BiasRecon on synthetic k-space.
 
     Synthetic but shaped like fastMRI data: random smooth maps, a 4× equispaced mask with 24 ACS lines,
@@ -133,12 +133,10 @@ def pipeline(device: torch.device, coils: int, h: int, w: int, steps: int, slice
     import resource
 
     from recon.biasrecon import BiasRecon, BiasReconSettings
-    from scores.checkpoints import load_checkpoint
+    from scores.priors import load_prior
+    from scores.samplers import TweedieSampler
 
-    prior, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "scores" / "weights" / "source_brain.safetensors",
-                               device=device)
-    for p in prior.parameters():
-        p.requires_grad_(False)
+    prior = load_prior(prior_name, device).model
     g = torch.Generator().manual_seed(0)
     maps = torch.randn(slices, coils, h, w, dtype=torch.complex64, generator=g)
     maps = maps / torch.sqrt(torch.sum(torch.abs(maps) ** 2, dim=1, keepdim=True))
@@ -158,7 +156,8 @@ def pipeline(device: torch.device, coils: int, h: int, w: int, steps: int, slice
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        BiasRecon(prior, op, y, BiasReconSettings(num_steps=steps, adapt=adapt, sure=sure, noise_sigma=0.01)).run()
+        BiasRecon(prior, op, y, BiasReconSettings(num_steps=steps, adapt=adapt, sure=sure, noise_sigma=0.01),
+                  sampler=TweedieSampler()).run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -216,21 +215,19 @@ def _rss_mb() -> float:
 
 
 def memory_case(case: str, device: torch.device, coils: int, h: int, w: int, steps: int, theta_steps: int,
-                cuda_limit_gb: float | None) -> dict:
+                cuda_limit_gb: float | None, prior_name: str = DEFAULT_PRIOR) -> dict:
     """Run one case of ``memory`` in this process; returns its measurements (MB, seconds)."""
     import resource
 
     from recon.biasrecon import BiasRecon, BiasReconSettings
-    from scores.checkpoints import load_checkpoint
+    from scores.priors import load_prior
+    from scores.samplers import TweedieSampler
 
     adapt, checkpointing = MEMORY_CASES[case]
     if device.type == "cuda" and cuda_limit_gb:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_limit_gb * 2**30 / total), device)
-    prior, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "scores" / "weights" / "source_brain.safetensors",
-                               device=device)
-    prior.requires_grad_(False)
-    prior.set_gradient_checkpointing(checkpointing)
+    prior = load_prior(prior_name, device, checkpointing).model
     maps, mask, y = synthetic_slice(coils, h, w)
     op = Sense(maps.to(device), mask.to(device))
     y = y.to(device)
@@ -252,7 +249,7 @@ def memory_case(case: str, device: torch.device, coils: int, h: int, w: int, ste
         record["peak_before_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     try:
-        BiasRecon(prior, op, y, settings).run()
+        BiasRecon(prior, op, y, settings, sampler=TweedieSampler()).run()
         record["error"] = None
     except torch.cuda.OutOfMemoryError as exc:
         record["error"] = f"out of memory ({str(exc).splitlines()[0][:120]})"
@@ -266,12 +263,13 @@ def memory_case(case: str, device: torch.device, coils: int, h: int, w: int, ste
     return record
 
 
-def memory(device: torch.device, shape: str, steps: int, theta_steps: int, cuda_limit_gb: float | None) -> list[dict]:
+def memory(device: torch.device, shape: str, steps: int, theta_steps: int, cuda_limit_gb: float | None,
+           prior_name: str = DEFAULT_PRIOR) -> list[dict]:
     """Every case of :data:`MEMORY_CASES`, each in a fresh ``python scripts/benchmark.py memory-case`` process."""
     records = []
     for case in MEMORY_CASES:
         cmd = [sys.executable, str(Path(__file__).resolve()), "memory-case", "--case", case, "--device", device.type,
-               "--shape", shape, "--steps", str(steps), "--theta-steps", str(theta_steps)]
+               "--shape", shape, "--steps", str(steps), "--theta-steps", str(theta_steps), "--prior", prior_name]
         if cuda_limit_gb:
             cmd += ["--cuda-limit-gb", str(cuda_limit_gb)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -406,6 +404,7 @@ def _throughput_markdown(rows: list[dict], script: str, volumes: int, slices: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    prior_help = f"a bundled prior ({', '.join(bundled_priors())}) or a checkpoint file (default {DEFAULT_PRIOR})"
     p = sub.add_parser("speed", help="centred FFT and SENSE normal operator vs fastMRI's formulation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20 on CPU, 200 on CUDA)")
@@ -416,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--slices", type=int, default=1)
     q.add_argument("--record", type=Path, default=None)
+    q.add_argument("--prior", default=DEFAULT_PRIOR, help=prior_help)
     for name, helptext in [("memory", "peak memory of BiasRecon's adaptation with and without gradient checkpointing"),
                            ("memory-case", "one case of memory in this process (used by memory; prints JSON)")]:
         m = sub.add_parser(name, help=helptext)
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         m.add_argument("--shape", default="15,320,320", help="coils,H,W")
         m.add_argument("--steps", type=int, default=3, help="noise levels (θ-steps on ceil(0.7·steps) of them)")
         m.add_argument("--theta-steps", type=int, default=1, help="Adam steps per θ-step")
+        m.add_argument("--prior", default=DEFAULT_PRIOR, help=prior_help)
         m.add_argument("--cuda-limit-gb", type=float, default=None,
                        help="cap the process's CUDA memory at this many GiB (an OOM is reported, not raised)")
         if name == "memory":
@@ -438,6 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--record", type=Path, default=None, help="write the markdown table to this file")
     t.add_argument("extra", nargs="*", help="extra arguments / overrides for the script")
     args = parser.parse_args(argv)
+    if getattr(args, "prior", None) is not None:
+        from scores.checkpoints import CheckpointError
+        from scores.priors import resolve_prior
+
+        try:
+            resolve_prior(args.prior)
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "throughput":
         procs = [int(v) for v in args.procs.split(",")]
         rows = throughput(procs, args.volumes, args.slices, args.script, args.extra, args.threads)
@@ -453,10 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "memory-case":
         coils, h, w = (int(v) for v in args.shape.split(","))
         print(json.dumps(memory_case(args.case, device, coils, h, w, args.steps, args.theta_steps,
-                                     args.cuda_limit_gb)))
+                                     args.cuda_limit_gb, args.prior)))
         return 0
     if args.command == "memory":
-        records = memory(device, args.shape, args.steps, args.theta_steps, args.cuda_limit_gb)
+        records = memory(device, args.shape, args.steps, args.theta_steps, args.cuda_limit_gb, args.prior)
         table = _memory_markdown(records, device, args.shape, args.steps, args.theta_steps, args.cuda_limit_gb)
         print(table)
         if args.record is not None:
@@ -464,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(r.get("error") is None for r in records) else 1
     if args.command == "pipeline":
         coils, h, w = (int(v) for v in args.shape.split(","))
-        rows = pipeline(device, coils, h, w, args.steps, args.slices)
+        rows = pipeline(device, coils, h, w, args.steps, args.slices, args.prior)
         machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
         table = (f"### pipeline — {machine}, torch {torch.__version__}, {_dt.date.today().isoformat()}\n\n"
                  f"{args.slices} slice(s) of {coils}×{h}×{w}, {args.steps} noise levels; command: "

@@ -16,15 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from recon.data.sites import available_sites, load_site, site_dataset  # noqa: E402
-from recon.errors import InputError  # noqa: E402
+from recon.data.sites import available_sites, load_site, site_dataset
+from recon.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from recon.data.sites import load_site, simulate_site  # noqa: E402
-from recon.errors import InputError  # noqa: E402
+from recon.data.sites import load_site, simulate_site
+from recon.errors import InputError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

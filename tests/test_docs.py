@@ -4,16 +4,16 @@ The doc's key tables (header ``| Key | Default | Meaning |``) under "## Site con
 configs" and "## Adapt config" must list exactly the leaf keys of ``SiteConfig``, ``PriorConfig`` and
 ``AdaptConfig`` (dotted paths in backticks), and each row's default cell must equal the schema default
 written in the doc's canonical format (:func:`canonical`). A key added to a schema without a row in
-the doc, a row left behind for a removed key, or a default changed on one side only fails here.
+the doc, a row left behind for a removed key, or a default changed on one side only fails here. The
+``biasrecon`` section's defaults are ``BiasReconSettings``'s (one schema), and the table of what the
+shipped adapt YAML changes lists exactly the keys where it differs from the schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +21,16 @@ import pytest
 from omegaconf import OmegaConf
 
 from recon.biasrecon import BiasReconSettings
+from recon.config import DEFAULT_CONFIG, AdaptConfig
 from recon.data.sites import SiteConfig
 from scores.config import PriorConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
-ADAPT_SCRIPT = ROOT / "scripts" / "adapt.py"
 ADAPT_YAML = ROOT / "configs" / "biasrecon" / "default.yaml"
 
 KEY_TABLE = ("Key", "Default", "Meaning")
-MIRROR_TABLE = ("Key", "Default (adapt.py)", "Library default (BiasReconSettings)")
-NOT_THERE = "—"
-
-
-def _load_adapt_script():
-    spec = importlib.util.spec_from_file_location("adapt_script_for_docs", ADAPT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-adapt = _load_adapt_script()
+YAML_TABLE = ("Key", "default.yaml", "Schema default")
 
 
 def canonical(value: Any) -> str:
@@ -59,20 +47,21 @@ def canonical(value: Any) -> str:
     return str(value)
 
 
+def config_leaves(node: dict, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of every leaf of a nested config container (lists and empty dicts are leaves)."""
+    leaves: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            leaves.update(config_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 def schema_leaves(schema: type) -> dict[str, Any]:
     """``{dotted key: default}`` of every leaf of a structured-config dataclass (lists and empty dicts,
     such as a site's ``data.splits``, are leaves)."""
-    leaves: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:
-                leaves[f"{prefix}{key}"] = value
-
-    walk(OmegaConf.to_container(OmegaConf.structured(schema)), "")
-    return leaves
+    return config_leaves(OmegaConf.to_container(OmegaConf.structured(schema)))
 
 
 def _cells(line: str) -> list[str]:
@@ -129,7 +118,7 @@ def doc_text() -> str:
 SCHEMAS = {
     "Site configs": SiteConfig,
     "Prior configs": PriorConfig,
-    "Adapt config": adapt.AdaptConfig,
+    "Adapt config": AdaptConfig,
 }
 
 
@@ -149,34 +138,24 @@ def test_every_schema_key_is_documented_with_its_default(heading: str) -> None:
     assert not wrong, f"docs/configuration.md, '## {heading}': default cells (doc, schema) that differ: {wrong}"
 
 
-def test_biasrecon_mirror_table_matches_the_library_defaults() -> None:
-    """The table comparing adapt.py's ``biasrecon`` section with ``BiasReconSettings`` is right:
-    one row per field of either, ``—`` where a side has no such field."""
-    section_defaults = dataclasses.asdict(adapt.BiasReconSection())
-    library_defaults = dataclasses.asdict(BiasReconSettings())
-    rows = tables(section(doc_text(), "Adapt config"), MIRROR_TABLE)
-    expected = {f"biasrecon.{name}" for name in {*section_defaults, *library_defaults}}
-    assert set(rows) == expected, (
-        f"docs/configuration.md: the BiasReconSettings table lists {sorted(set(rows) - expected)} too many and "
-        f"misses {sorted(expected - set(rows))}"
-    )
-    wrong = {}
-    for name in sorted({*section_defaults, *library_defaults}):
-        cells = tuple(_unquote(c) for c in rows[f"biasrecon.{name}"])
-        expected_cells = (
-            canonical(section_defaults[name]) if name in section_defaults else NOT_THERE,
-            canonical(library_defaults[name]) if name in library_defaults else NOT_THERE,
-        )
-        if cells != expected_cells:
-            wrong[f"biasrecon.{name}"] = (cells, expected_cells)
-    assert not wrong, f"docs/configuration.md: BiasReconSettings table rows (doc, code) that differ: {wrong}"
+def test_biasrecon_section_is_the_library_settings_with_their_defaults() -> None:
+    """One schema: the config's ``biasrecon`` section has exactly the fields and defaults of ``BiasReconSettings``."""
+    section = schema_leaves(AdaptConfig)
+    library = dataclasses.asdict(BiasReconSettings())
+    assert {k[len("biasrecon."):]: v for k, v in section.items() if k.startswith("biasrecon.")} == \
+        {k: list(v) if isinstance(v, tuple) else v for k, v in library.items()}
 
 
-def test_adapt_yaml_holds_the_schema_defaults() -> None:
-    """The doc says configs/biasrecon/default.yaml sets exactly the schema defaults."""
-    schema = OmegaConf.structured(adapt.AdaptConfig)
-    merged = OmegaConf.merge(schema, OmegaConf.load(ADAPT_YAML))
-    assert OmegaConf.to_container(merged) == OmegaConf.to_container(schema)
+def test_the_shipped_yaml_changes_exactly_the_keys_the_doc_lists() -> None:
+    """default.yaml differs from the schema only where the doc's 'What default.yaml changes' table says."""
+    assert DEFAULT_CONFIG.resolve() == ADAPT_YAML.resolve()  # the library finds the shipped file
+    schema = schema_leaves(AdaptConfig)
+    yaml_leaves = config_leaves(OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(AdaptConfig),
+                                                                       OmegaConf.load(ADAPT_YAML))))
+    changed = {k: (canonical(yaml_leaves[k]), canonical(v)) for k, v in schema.items() if yaml_leaves[k] != v}
+    rows = tables(section(doc_text(), "Adapt config"), YAML_TABLE)
+    documented = {k: tuple(_unquote(c) for c in cells) for k, cells in rows.items()}
+    assert changed and documented == changed, f"doc table {documented} vs the YAML's changes {changed}"
 
 
 def test_canonical_format() -> None:

@@ -69,3 +69,6 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
         f"{name} ran in {probe.strip()!r}, expected the test's environment {sys.prefix}"
     assert source.read_bytes() == committed
     assert [p.name for p in workdir.iterdir()] == [name], "a notebook wrote into its working folder"
+    warnings = [out.get("text", "") for cell in nb.cells for out in cell.get("outputs", [])
+                if out.output_type == "stream" and out.get("name") == "stderr"]
+    assert not [w for w in warnings if "IProgress" in w or "Warning" in w], f"{name} printed warnings: {warnings}"

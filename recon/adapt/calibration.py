@@ -12,21 +12,15 @@ while autograd still reaches ``γ``. The hooks work on any ``nn.Module`` (our ``
 ``fastmri.models.Unet`` / ``VarNet``, …) and are removed by :meth:`FrequencyCalibration.detach`,
 which leaves the module exactly as it was (its weights are never touched).
 
-A fitted ``γ`` is saved as a *site profile*: a JSON file of a few hundred bytes naming the site and
-the prior it belongs to (:func:`save_profile`, :func:`load_profile`, :func:`apply_profile`).
+A fitted ``γ`` is passed on as a :class:`CalibratedPrior` (a value: the prior with that γ fixed) and
+saved as a *site profile* (:mod:`recon.adapt.profiles`).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import json
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,21 +28,16 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from recon.atomic import write_text
 from recon.errors import InputError
 
 __all__ = [
     "MAX_VARIABLES",
     "R_MAX",
-    "PROFILE_FORMAT",
     "FrequencyCalibration",
-    "SiteProfile",
+    "CalibratedPrior",
     "radial_bands",
     "default_band_edges",
     "candidate_layers",
-    "save_profile",
-    "load_profile",
-    "apply_profile",
 ]
 
 MAX_VARIABLES: int = 99
@@ -57,8 +46,6 @@ MAX_VARIABLES: int = 99
 R_MAX: float = math.sqrt(2.0)
 """Largest normalised radial frequency ``r = 2 sqrt(fx² + fy²)`` (a corner of the grid)."""
 
-PROFILE_FORMAT: str = "biasrecon.site_profile"
-_PROFILE_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,179 +383,43 @@ class FrequencyCalibration(nn.Module):
             self.gamma.copy_(gamma.to(self.gamma.dtype))
 
 
-# --------------------------------------------------------------------------------------------
-# site profiles
-# --------------------------------------------------------------------------------------------
+class CalibratedPrior:
+    """A prior with a fixed calibration γ, as a value: ``denoise`` is the calibrated network's.
 
-
-def _layers_digest(names: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class SiteProfile:
-    """A saved calibration of one site for one prior.
-
-    Attributes:
-        site: The site's name.
-        prior: The prior it belongs to (a checkpoint name or sha256).
-        num_layers: ``L``.
-        layers_sha256: First 16 hex digits of the sha256 of the newline-joined layer names.
-        band_edges: The ``B − 1`` band boundaries.
-        gamma: ``(L, B)`` float32 tensor.
-        extra: Free JSON metadata (e.g. the held-out loss reached).
-        source: The file it was read from.
-    """
-
-    site: str
-    prior: str
-    num_layers: int
-    layers_sha256: str
-    band_edges: tuple[float, ...]
-    gamma: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
-
-
-def save_profile(
-    path: str | os.PathLike[str],
-    calibration: FrequencyCalibration,
-    site: str,
-    prior: str,
-    extra: dict[str, Any] | None = None,
-    overwrite: bool = True,
-) -> Path:
-    """Write ``calibration``'s ``γ`` as a site profile (JSON, a few hundred bytes), atomically.
-
-    The layer names are stored as their count and a sha256 digest; ``γ`` as little-endian
-    float32 in base64 (exact round trip).
-    Shape: ``γ`` ``(L, B)``.
+    Mode site and reused site profiles pass this on wherever a prior goes (the optimizer, a
+    method): nothing is attached to the wrapped module outside a :meth:`denoise` call, so the same
+    module serves other methods uncalibrated in between.
+    Maths: ``D_γ(x, s)``, the prior's denoiser with the band gains of :class:`FrequencyCalibration`.
+    Shape: as the prior's ``denoise``; ``gamma`` ``(L, B)``.
 
     Args:
-        path: Output file (the folder must exist); written through a temp file and ``os.replace``.
-        calibration: The fitted calibration.
-        site: Name of the site.
-        prior: The prior the calibration belongs to (checkpoint name or sha256).
-        extra: JSON-serialisable metadata.
-        overwrite: If False, an existing ``path`` is an error.
-
-    Returns:
-        The path written.
+        module: the prior (an ``nn.Module`` with ``denoise(x, sigma)``).
+        gamma: the fixed γ ``(L, B)`` (copied).
+        num_layers / bands / band_edges: the calibration's shape (``layers="auto"``).
 
     Raises:
-        InputError: empty ``site``/``prior``, unserialisable ``extra``, missing folder, or an
-            existing file with ``overwrite=False``.
+        InputError: a γ that does not fit the calibration's shape, or non-finite values.
     """
-    path = Path(path)
-    for key, value in (("site", site), ("prior", prior)):
-        if not isinstance(value, str) or not value.strip():
-            raise InputError(f"{path}: profile key {key!r} must be a non-empty string, got {value!r}.")
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: the folder {path.parent} does not exist; expected an existing folder.")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: the file exists; expected a new path or overwrite=True.")
-    gamma = calibration.gamma.detach().cpu().to(torch.float32).numpy().astype("<f4")
-    record = {
-        "format": PROFILE_FORMAT,
-        "version": _PROFILE_VERSION,
-        "site": site,
-        "prior": prior,
-        "layers": {"count": len(calibration.layer_names), "sha256": _layers_digest(calibration.layer_names)},
-        "band_edges": list(calibration.band_edges),
-        "gamma": {"shape": list(gamma.shape), "float32_base64": base64.b64encode(gamma.tobytes()).decode("ascii")},
-        "extra": dict(extra or {}),
-    }
-    try:
-        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{path}: profile key 'extra' must be JSON-serialisable ({err}).") from None
-    write_text(path, text + "\n")
-    return path
 
+    def __init__(self, module: nn.Module, gamma: torch.Tensor, num_layers: int = 24, bands: int = 3,
+                 band_edges: Sequence[float] | None = None, source: str = "calibrated prior") -> None:
+        self.calibration = FrequencyCalibration(module, layers="auto", num_layers=num_layers, bands=bands,
+                                                band_edges=band_edges)
+        self.calibration._load_gamma(torch.as_tensor(gamma).detach().cpu(), source)
+        self.calibration.requires_grad_(False)
 
-def load_profile(path: str | os.PathLike[str]) -> SiteProfile:
-    """Read a site profile written by :func:`save_profile`.
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped prior."""
+        return self.calibration.module
 
-    Shape: the profile's ``gamma`` is ``(L, B)`` float32.
+    @property
+    def gamma(self) -> torch.Tensor:
+        """A copy of the fixed γ ``(L, B)``."""
+        return self.calibration.gamma.detach().clone()
 
-    Raises:
-        InputError: missing or unreadable file, not a profile, or a missing / malformed key —
-            naming the file and the key.
-    """
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: profile file does not exist; expected a JSON site profile.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot be read as JSON ({err}); expected a site profile.") from None
-    if not isinstance(record, dict) or record.get("format") != PROFILE_FORMAT:
-        raise InputError(f"{path}: key 'format' is not {PROFILE_FORMAT!r}; expected a site profile.")
-    if record.get("version") != _PROFILE_VERSION:
-        raise InputError(f"{path}: key 'version' is {record.get('version')!r}, expected {_PROFILE_VERSION}.")
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The calibrated denoiser: the hooks are attached for this call only."""
+        with self.calibration:
+            return self.module.denoise(x, sigma)
 
-    def need(key: str, kind: type | tuple[type, ...]) -> Any:
-        value = record.get(key)
-        if not isinstance(value, kind):
-            raise InputError(f"{path}: key {key!r} is missing or malformed (got {value!r}).")
-        return value
-
-    site, prior = need("site", str), need("prior", str)
-    layers, gamma_rec = need("layers", dict), need("gamma", dict)
-    edges, extra = need("band_edges", list), record.get("extra", {})
-    try:
-        count, digest = int(layers["count"]), str(layers["sha256"])
-        shape = tuple(int(s) for s in gamma_rec["shape"])
-        raw = base64.b64decode(gamma_rec["float32_base64"], validate=True)
-        edges_t = tuple(float(e) for e in edges)
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{path}: key 'layers', 'gamma' or 'band_edges' is malformed ({err}).") from None
-    if len(shape) != 2 or shape[0] != count or shape[1] != len(edges_t) + 1 or len(raw) != 4 * shape[0] * shape[1]:
-        raise InputError(
-            f"{path}: key 'gamma' holds {len(raw) // 4} values of shape {list(shape)}, expected "
-            f"(layers.count, len(band_edges) + 1) = ({count}, {len(edges_t) + 1})."
-        )
-    gamma = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))
-    if not bool(torch.isfinite(gamma).all()):
-        raise InputError(f"{path}: key 'gamma' holds non-finite values.")
-    if not isinstance(extra, dict):
-        raise InputError(f"{path}: key 'extra' must be a JSON object, got {type(extra).__name__}.")
-    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path))
-
-
-def apply_profile(
-    profile: SiteProfile | str | os.PathLike[str],
-    calibration: FrequencyCalibration,
-    prior: str | None = None,
-) -> SiteProfile:
-    """Load a site profile's ``γ`` into ``calibration`` after checking that it fits.
-
-    Args:
-        profile: A :class:`SiteProfile` or the path of one.
-        calibration: A calibration of the same layers and bands.
-        prior: If given, the profile's ``prior`` must equal it.
-
-    Returns:
-        The profile applied.
-
-    Raises:
-        InputError: naming the file and the key (``prior``, ``layers``, ``band_edges``,
-            ``gamma``) that does not match.
-    """
-    if not isinstance(profile, SiteProfile):
-        profile = load_profile(profile)
-    src = profile.source or "site profile"
-    if prior is not None and profile.prior != prior:
-        raise InputError(f"{src}: key 'prior' is {profile.prior!r}, expected {prior!r}.")
-    names = calibration.layer_names
-    if profile.num_layers != len(names) or profile.layers_sha256 != _layers_digest(names):
-        raise InputError(
-            f"{src}: key 'layers' describes {profile.num_layers} layers (sha256 {profile.layers_sha256}), expected "
-            f"this calibration's {len(names)} layers (sha256 {_layers_digest(names)})."
-        )
-    if tuple(profile.band_edges) != tuple(calibration.band_edges):
-        raise InputError(
-            f"{src}: key 'band_edges' is {list(profile.band_edges)}, expected {list(calibration.band_edges)}."
-        )
-    calibration._load_gamma(profile.gamma, src)
-    return profile

@@ -20,7 +20,7 @@ from recon.errors import InputError
 from recon.masks import center_box
 from recon.operators import Sense, SingleCoil
 
-__all__ = ["KSpaceSplit", "split_mask", "acs_mask", "detect_acs", "theta_operator", "heldout_loss"]
+__all__ = ["KSpaceSplit", "split_mask", "acs_mask", "theta_operator", "heldout_loss"]
 
 
 class KSpaceSplit(NamedTuple):
@@ -33,10 +33,6 @@ class KSpaceSplit(NamedTuple):
 
     theta: torch.Tensor
     lam: torch.Tensor
-
-
-def _is_row_constant(mask: torch.Tensor) -> bool:
-    return bool(torch.equal(mask, mask[:1].expand_as(mask)))
 
 
 def _central_columns(height: int, width: int, fraction: float) -> torch.Tensor:
@@ -59,47 +55,6 @@ def acs_mask(shape: tuple[int, int], acs: float, columns: bool) -> torch.Tensor:
         raise InputError(f"split_mask: acs must be a fraction in [0, 1] or an (H, W) mask, got {acs!r}.")
     height, width = shape
     return _central_columns(height, width, float(acs)) if columns else center_box((height, width), float(acs))
-
-
-def detect_acs(mask: torch.Tensor) -> torch.Tensor:
-    """The fully sampled centre of a sampling mask (its auto-calibration region), as a 0/1 mask.
-
-    Maths: for a mask constant along ``H`` (1-D Cartesian), the longest run of sampled columns that
-    contains the centre column ``W // 2`` (all rows); otherwise the largest central box
-    :func:`recon.masks.center_box` ``((H, W), k / max(H, W))`` that the mask samples completely.
-    All zeros when the centre itself is not sampled.
-    Shape: ``mask`` ``(H, W)`` of 0/1 (float or bool); returns ``(H, W)`` float32 on its device.
-
-    Raises:
-        InputError: a mask that is not a real ``(H, W)`` tensor.
-    """
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_complex():
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise InputError(f"detect_acs: mask must be a real (H, W) tensor of 0/1, got {got}.")
-    sampled = mask != 0
-    height, width = int(mask.shape[0]), int(mask.shape[1])
-    out = torch.zeros(height, width, dtype=torch.float32, device=mask.device)
-    if _is_row_constant(sampled):
-        cols = sampled[0].tolist()
-        centre = width // 2
-        if not cols[centre]:
-            return out
-        lo, hi = centre, centre
-        while lo > 0 and cols[lo - 1]:
-            lo -= 1
-        while hi < width - 1 and cols[hi + 1]:
-            hi += 1
-        out[:, lo : hi + 1] = 1
-        return out
-    side = max(height, width)
-    for k in range(1, side + 1):
-        box = center_box((height, width), k / side).to(mask.device) != 0
-        if not bool(box.any()):
-            continue
-        if not bool(sampled[box].all()):
-            break
-        out = box.to(torch.float32)
-    return out
 
 
 def split_mask(
@@ -147,7 +102,7 @@ def split_mask(
     sampled = mask != 0
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError("split_mask: mask must hold only 0 and 1 values.")
-    row_constant = _is_row_constant(sampled)
+    row_constant = bool(torch.equal(sampled, sampled[:1].expand_as(sampled)))
     if columns is None:
         columns = row_constant
     elif columns and not row_constant:

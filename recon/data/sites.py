@@ -63,6 +63,7 @@ from recon.data.normalize import normalization_scale
 from recon.errors import InputError
 from recon.fft import fft2c, ifft2c
 from recon.masks import MASK_TYPES, make_mask
+from recon.resources import config_path
 
 __all__ = [
     "DataConfig",
@@ -82,8 +83,8 @@ __all__ = [
     "training_images",
 ]
 
-SITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "sites"
-"""``configs/sites`` of the repository (``recon/../configs/sites``)."""
+SITES_DIR = config_path("sites")
+"""``configs/sites``, shipped as package data (:mod:`recon.resources`)."""
 
 EVAL_STREAM = 0x4556414C  # "EVAL"
 TRAIN_STREAM = 0x5452414E  # "TRAN"

@@ -14,17 +14,15 @@ import torch
 from fastmri import evaluate as fm_eval
 from fastmri.data import transforms as fm_transforms
 
-from recon.baselines import (
+from recon.baselines import Reconstruction, max_eigenvalue
+from recon.coils import acs_width, sensitivity_maps
+from recon.data.transforms import center_crop
+from recon.methods import (
     CLASSICAL_METHODS,
     METHODS,
-    Reconstruction,
-    acs_width,
-    center_crop,
     check_params,
-    max_eigenvalue,
     method_parameters,
     run_baseline,
-    sensitivity_maps,
     slice_psnr,
     tune_lambda,
 )

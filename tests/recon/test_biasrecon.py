@@ -9,11 +9,12 @@ import sigpy.mri
 import torch
 from torch import nn
 
-from recon.biasrecon import BiasRecon, BiasReconSettings, x_step_chain
+from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.dc import prox
 from recon.errors import InputError
 from recon.metrics import psnr
 from recon.operators import Sense
+from scores.samplers import TweedieSampler  # the one sampler loop (recon sees it through a Protocol)
 
 H = W = 48
 COILS = 4
@@ -56,7 +57,12 @@ def _problem(seed: int = 0, sigma: float = 0.01):
 
 
 SETTINGS = dict(num_steps=8, sigma_start=0.3, sigma_end=0.01, theta_steps=4, adapt_fraction=1.0, lr=0.03,
-                lam=0.01, sure=False, acs_fraction=0.1, cg_iters=8, seed=3)
+                lam=0.01, sure=False, acs_fraction=0.1, cg_iters=8, seed=3, calib_iterate="full", acs_auto=False)
+SAMPLER = TweedieSampler()
+
+
+def _optimizer(prior, op, y, settings):
+    return BiasRecon(prior, op, y, settings, sampler=SAMPLER)
 
 
 def _psnr(img, ref):
@@ -67,7 +73,7 @@ def test_calibration_lowers_the_heldout_loss_of_a_miscalibrated_prior():
     """The θ-steps find γ that undo most of a 0.8×0.8 gain: the whole chain, run on y_Θv alone,
     predicts the held-out k-space y_Λv better than at γ = 0 (the quantity the method optimises)."""
     op, y, _, _ = _problem()
-    adapted = BiasRecon(BlurDenoiser(width=0.5), op, y, BiasReconSettings(**SETTINGS, adapt="gamma")).run()
+    adapted = _optimizer(BlurDenoiser(width=0.5), op, y, BiasReconSettings(**SETTINGS, adapt="gamma")).run()
     assert adapted.val_loss_best < 0.97 * adapted.val_loss_zero
     low_band = adapted.gamma[:, 0]
     assert bool((low_band > 0.2).all()) and bool((low_band < 0.6).all())  # (1 + γ)² · 0.64 ≈ 1 needs γ ≈ 0.25
@@ -78,8 +84,8 @@ def test_guard_restores_gamma_zero_when_adaptation_hurts_the_reconstruction():
     not: the guard must return γ = 0 and exactly the unadapted reconstruction."""
     op, y, img, _ = _problem()
     prior = BlurDenoiser()
-    unadapted = BiasRecon(prior, op, y, BiasReconSettings(**SETTINGS, adapt="none")).run()
-    wild = BiasRecon(prior, op, y, BiasReconSettings(**{**SETTINGS, "lr": 1.0}, adapt="gamma")).run()
+    unadapted = _optimizer(prior, op, y, BiasReconSettings(**SETTINGS, adapt="none")).run()
+    wild = _optimizer(prior, op, y, BiasReconSettings(**{**SETTINGS, "lr": 1.0}, adapt="gamma")).run()
     assert wild.val_loss_best == wild.val_loss_zero
     assert torch.count_nonzero(wild.gamma) == 0
     torch.testing.assert_close(wild.image, unadapted.image, rtol=0, atol=0)
@@ -93,7 +99,7 @@ def test_full_finetuning_leaves_the_prior_untouched_and_respects_the_guard():
     op, y, _, _ = _problem()
     prior = BlurDenoiser()
     before = [p.clone() for p in prior.parameters()]
-    result = BiasRecon(prior, op, y, BiasReconSettings(**SETTINGS, adapt="full")).run()
+    result = _optimizer(prior, op, y, BiasReconSettings(**SETTINGS, adapt="full")).run()
     assert result.val_loss_best <= result.val_loss_zero and result.gamma is None
     assert all(torch.equal(a, b) for a, b in zip(before, prior.parameters()))
 
@@ -101,20 +107,20 @@ def test_full_finetuning_leaves_the_prior_untouched_and_respects_the_guard():
 def test_chain_is_deterministic_and_run_uses_it():
     op, y, _, _ = _problem()
     st = BiasReconSettings(**SETTINGS, adapt="none")
-    a, _ = x_step_chain(BlurDenoiser(), op, y, st.lam, st.sigmas(), st.eta, st.seed, st.cg_iters)
-    b, _ = x_step_chain(BlurDenoiser(), op, y, st.lam, st.sigmas(), st.eta, st.seed, st.cg_iters)
+    a, _ = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, st.lam)
+    b, _ = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, st.lam)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.testing.assert_close(BiasRecon(BlurDenoiser(), op, y, st).run().image, a, rtol=0, atol=0)
+    torch.testing.assert_close(_optimizer(BlurDenoiser(), op, y, st).run().image, a, rtol=0, atol=0)
 
 
 def test_sure_lambda_step_picks_its_curve_minimum_and_returns_that_prox():
     op, y, _, sigma = _problem(sigma=0.05)
     st = BiasReconSettings(**{**SETTINGS, "sure": True, "lam_grid": (0.001, 0.01, 0.1, 1.0)}, adapt="none",
                            noise_sigma=sigma)
-    result = BiasRecon(BlurDenoiser(), op, y, st).run()
+    result = _optimizer(BlurDenoiser(), op, y, st).run()
     lams, values = zip(*result.sure_curve)
     assert lams == st.lam_grid and result.lam == lams[int(np.argmin(values))]
-    _, x_hat = x_step_chain(BlurDenoiser(), op, y, st.lam, st.sigmas(), st.eta, st.seed, st.cg_iters)
+    _, x_hat = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, st.lam)
     torch.testing.assert_close(result.image, prox(op, y, x_hat, result.lam, st.cg_iters), rtol=1e-5, atol=1e-6)
 
 
@@ -127,8 +133,9 @@ def test_sure_tracks_the_true_measurement_risk_of_the_final_prox():
         g = torch.Generator().manual_seed(100 + draw)
         noise = sigma / math.sqrt(2) * torch.view_as_complex(torch.randn(1, COILS, H, W, 2, generator=g))
         y = op.A(img) + op.mask * noise
-        result = BiasRecon(BlurDenoiser(), op, y, BiasReconSettings(**{**st.__dict__, "seed": draw})).run()
-        _, x_hat = x_step_chain(BlurDenoiser(), op, y, st.lam, st.sigmas(), st.eta, draw, st.cg_iters)
+        result = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**{**st.__dict__, "seed": draw})).run()
+        _, x_hat = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**{**st.__dict__, "seed": draw})).x_step_chain(
+            op, y, st.lam)
         for lam, value in result.sure_curve:
             risk = float(torch.sum(torch.abs(op.A(prox(op, y, x_hat, lam, st.cg_iters)) - op.A(img)) ** 2))
             diffs[lam].append(value - risk)
@@ -145,7 +152,7 @@ def test_bad_settings_and_shapes_are_refused():
     with pytest.raises(InputError, match="adapt"):
         BiasReconSettings(adapt="everything")
     with pytest.raises(InputError, match="expected"):
-        BiasRecon(BlurDenoiser(), op, y[..., :-1], BiasReconSettings(**SETTINGS))
+        _optimizer(BlurDenoiser(), op, y[..., :-1], BiasReconSettings(**SETTINGS))
 
 
 def test_theta_iterate_never_sees_the_heldout_calibration_data():
@@ -153,18 +160,18 @@ def test_theta_iterate_never_sees_the_heldout_calibration_data():
     leaves it unchanged (with "full" the earlier x-steps carry y_Λ into it: a leak). A vanishing learning
     rate keeps γ ≈ 0, so that only the data path differs."""
     op, y, _, _ = _problem()
-    st = BiasReconSettings(**{**SETTINGS, "lr": 1e-12, "theta_steps": 1}, adapt="gamma", calib_iterate="theta")
-    a = BiasRecon(BlurDenoiser(width=0.5), op, y, st)
+    few = {**SETTINGS, "lr": 1e-12, "theta_steps": 1, "num_steps": 3}  # three calibration steps
+    st = BiasReconSettings(**{**few, "calib_iterate": "theta"}, adapt="gamma")
+    a = _optimizer(BlurDenoiser(width=0.5), op, y, st)
     lam_c = a.calib_lambda
     assert float(lam_c.sum()) > 0 and not bool((a.calib_op.mask * lam_c).any()) and not bool((a.calib_y * lam_c).any())
-    b = BiasRecon(BlurDenoiser(width=0.5), op, y + 0.5 * lam_c * y, st)
-    for _ in range(2):
-        a.step(), b.step()
+    b = _optimizer(BlurDenoiser(width=0.5), op, y + 0.5 * lam_c * y, st)
+    a.calibrate(), b.calibrate()
+    assert len(a.history) == 3
     torch.testing.assert_close(a.x, b.x, rtol=1e-5, atol=1e-6)
-    leaky = BiasReconSettings(**{**SETTINGS, "lr": 1e-12, "theta_steps": 1}, adapt="gamma")
-    c, d = (BiasRecon(BlurDenoiser(width=0.5), op, yy, leaky) for yy in (y, y + 0.5 * lam_c * y))
-    for _ in range(2):
-        c.step(), d.step()
+    leaky = BiasReconSettings(**few, adapt="gamma")
+    c, d = (_optimizer(BlurDenoiser(width=0.5), op, yy, leaky) for yy in (y, y + 0.5 * lam_c * y))
+    c.calibrate(), d.calibrate()
     assert float((c.x - d.x).abs().max()) > 1e-3
     for optimizer in (a, b, c, d):
         optimizer.calibration.detach()
@@ -172,12 +179,12 @@ def test_theta_iterate_never_sees_the_heldout_calibration_data():
 
 def test_theta_iterate_calibrates_under_the_guard_and_calibrate_then_run_is_run():
     op, y, _, _ = _problem()
-    st = BiasReconSettings(**SETTINGS, adapt="gamma", calib_iterate="theta")
-    fresh = BiasRecon(BlurDenoiser(width=0.5), op, y, st).run()
+    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta"}, adapt="gamma")
+    fresh = _optimizer(BlurDenoiser(width=0.5), op, y, st).run()
     assert fresh.val_loss_best < 0.99 * fresh.val_loss_zero and bool(torch.count_nonzero(fresh.gamma))
-    split = BiasRecon(BlurDenoiser(width=0.5), op, y, st)
+    split = _optimizer(BlurDenoiser(width=0.5), op, y, st)
     split.calibrate()  # mode site: fit γ once, guarded like run()
-    assert split.guarded and split.calibration.attached
+    assert split.calibrated and split.calibration.attached
     torch.testing.assert_close(split.calibration.gamma.detach(), fresh.gamma, rtol=0, atol=0)
     again = split.run()
     torch.testing.assert_close(again.image, fresh.image, rtol=0, atol=0)
@@ -188,8 +195,8 @@ def test_theta_iterate_calibrates_under_the_guard_and_calibrate_then_run_is_run(
 
 def test_acs_auto_holds_out_only_entries_outside_the_scans_fully_sampled_centre():
     op, y, _, _ = _problem()
-    st = BiasReconSettings(**{**SETTINGS, "acs_fraction": 0.01}, adapt="gamma", calib_iterate="theta", acs_auto=True)
-    br = BiasRecon(BlurDenoiser(width=0.5), op, y, st)
+    st = BiasReconSettings(**{**SETTINGS, "acs_fraction": 0.01, "calib_iterate": "theta", "acs_auto": True}, adapt="gamma")
+    br = _optimizer(BlurDenoiser(width=0.5), op, y, st)
     centre = (op.mask[0] != 0) & (torch.arange(W) >= W // 2 - 3) & (torch.arange(W) < W // 2 + 3)
     for held in (br.calib_lambda, br.val_lambda):
         assert float(held.sum()) > 0 and not bool((held.expand(H, W)[:, centre] != 0).any())
@@ -198,7 +205,7 @@ def test_acs_auto_holds_out_only_entries_outside_the_scans_fully_sampled_centre(
     cols = torch.zeros(W)
     cols[W // 2 - 6: W // 2 + 6] = 1
     narrow = Sense(op.sens_maps, cols.expand(H, W).clone())
-    st = BiasReconSettings(**{**SETTINGS, "acs_fraction": 0.1}, adapt="gamma", calib_iterate="theta", acs_auto=True)
-    br = BiasRecon(BlurDenoiser(width=0.5), narrow, narrow.A(narrow.A_adjoint(y)), st)
+    st = BiasReconSettings(**{**SETTINGS, "acs_fraction": 0.1, "calib_iterate": "theta", "acs_auto": True}, adapt="gamma")
+    br = _optimizer(BlurDenoiser(width=0.5), narrow, narrow.A(narrow.A_adjoint(y)), st)
     assert float(br.calib_lambda.sum()) > 0
     br.calibration.detach()

@@ -92,3 +92,21 @@ def test_errors():
         ssim(target[:, :5, :5], pred[:, :5, :5])
     with pytest.raises(InputError, match="torch tensor or numpy array"):
         ssim(target.tolist(), pred)
+
+
+def test_ssim_refuses_a_finite_target_whose_squares_overflow():
+    """A finite but enormous float32 target would give a NaN SSIM: one clear error instead."""
+    import numpy as np
+    import pytest
+
+    from recon.errors import InputError
+    from recon.metrics import evaluate, ssim
+
+    rng = np.random.default_rng(0)
+    target = rng.random((1, 16, 16)).astype(np.float32)
+    assert ssim(target * 1e8, target * 1e8) == pytest.approx(1.0)  # large but safe
+    for scale in (1e10, 1e20, 3e38):  # finite float32 values; fastMRI's SSIM is NaN for them
+        with pytest.raises(InputError, match="target holds a magnitude"):
+            ssim(target * scale, target * scale)
+    with pytest.raises(InputError, match="target"):
+        evaluate(target * 1e20, target)

@@ -161,3 +161,25 @@ def test_predictor_corrector_applies_dc_to_iterate(problem: dict) -> None:
     )
     assert torch.equal(out[mask.expand_as(out)], target.expand_as(out)[mask.expand_as(out)])
     assert min(seen) > 0 and len(seen) == 20
+
+
+def test_fast_sampler_clean_start_and_common_random_numbers(problem: dict) -> None:
+    """``x_start`` is renoised to ``sigmas[0]`` with the sampler's first draw (the same as passing that
+    iterate as ``x_init``), and ``copies`` stacked copies of a batch receive the same noise."""
+    prior = GaussianPrior(problem["mu"], V)
+    sigmas = VESchedule(0.01, 5.0).sigmas(6)
+    start = torch.full((2, 1, H, W), 0.3 + 0.1j, dtype=torch.complex64)
+    from_start = sample_tweedie_dc(prior, (2, 1, H, W), sigmas, x_start=start,
+                                   generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x_init = start + float(sigmas[0]) * torch.view_as_complex(torch.randn(2, 1, H, W, 2, generator=g))
+    rest = sample_tweedie_dc(prior, (2, 1, H, W), sigmas, x_init=x_init, generator=g)
+    torch.testing.assert_close(from_start, rest, rtol=0, atol=0)
+    twice = sample_tweedie_dc(prior, (4, 1, H, W), sigmas, x_start=start.repeat(2, 1, 1, 1), copies=2,
+                              generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(twice[:2], twice[2:], rtol=0, atol=0)
+    torch.testing.assert_close(twice[:2], from_start, rtol=0, atol=0)  # the draws of the 2-image batch
+    assert not torch.equal(twice[0], twice[1])  # but fresh noise per image within a copy
+    with pytest.raises(ValueError, match="copies"):
+        sample_tweedie_dc(prior, (3, 1, H, W), sigmas, x_start=torch.zeros(3, 1, H, W, dtype=torch.complex64),
+                          copies=2)

@@ -18,15 +18,17 @@ import pytest
 import torch
 from fastmri import evaluate as fm_eval
 
-from recon.adapt import FrequencyCalibration, load_profile, save_profile
-from recon.baselines import sensitivity_maps
+from recon.adapt import CalibratedPrior, FrequencyCalibration, load_profile, save_profile
 from recon.biasrecon import BiasRecon
+from recon.coils import sensitivity_maps
+from recon.config import DEFAULT_CONFIG, load_config, method_settings, split_overrides
 from recon.data import FastMRISliceDataset
-from recon.errors import InputError
 from recon.fft import fft2c, ifft2c
 from recon.operators import Sense
+from recon.runner import noise_level, plan_batches
 from recon.sure import estimate_sigma
-from scores.checkpoints import load_checkpoint
+from scores.priors import load_prior, resolve_prior
+from scores.samplers import TweedieSampler
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "adapt.py"
@@ -46,6 +48,7 @@ def _load_script():
 
 
 adapt = _load_script()
+PRIOR_FILE = resolve_prior("source_brain")
 
 
 def _data_files(out: Path) -> list[Path]:
@@ -79,8 +82,7 @@ def site_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prior():
-    model, _ = load_checkpoint(adapt.DEFAULT_PRIOR)
-    return model.requires_grad_(False)
+    return load_prior("source_brain").model
 
 
 def test_outputs_are_fastmri_submissions_and_metrics_match_fastmri_evaluate(scan_run):
@@ -112,10 +114,16 @@ def test_figures_profile_and_config_are_written(scan_run):
     for name in ("comparison.png", "trajectories.png", "gamma.png"):
         assert (scan_run / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     profile = load_profile(scan_run / "profile.json")
-    digest = hashlib.sha256(adapt.DEFAULT_PRIOR.read_bytes()).hexdigest()
+    digest = hashlib.sha256(PRIOR_FILE.read_bytes()).hexdigest()
     assert profile.prior == digest and profile.site == "unseen_center"
     assert profile.gamma.shape[1] == 3 and profile.gamma.numel() < 100
     assert profile.extra["mode"] == "scan" and len(profile.extra["calibrated_on"]) == 2  # the first batch
+    files = _data_files(scan_run)
+    for path in files:  # each volume's first batch's γ, a site profile of its own (γ is not in the records)
+        assert load_profile(scan_run / "profiles" / f"{path.name}.json").prior == digest
+        assert "gamma" not in (scan_run / "records" / f"{path.name}.json").read_text()
+    first = load_profile(scan_run / "profiles" / f"{files[0].name}.json")
+    assert torch.equal(first.gamma, profile.gamma)  # profile.json is the first volume's, read back validated
     assert "biasrecon:" in (scan_run / "config.yaml").read_text()
     assert not list(scan_run.rglob(".*tmp*"))  # no temp files left
 
@@ -136,15 +144,16 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     assert adapt.main(argv) == 0
     assert torch.equal(load_profile(reuse / "profile.json").gamma, gamma)  # the reused γ, exactly
 
-    config = adapt.load_config(adapt.DEFAULT_CONFIG, FAST)
+    config = load_config(DEFAULT_CONFIG, FAST)
     dataset = FastMRISliceDataset(data, **MASK)
     samples = [dataset[i] for i in range(2)]
     kspace = torch.stack([s.kspace for s in samples])
     mask = torch.stack([s.mask for s in samples])[:, None]
     op = Sense(torch.stack([sensitivity_maps(s) for s in samples]), mask)
-    settings = dataclasses.replace(adapt.method_settings(config, "biasrecon"), adapt="none",
-                                   noise_sigma=adapt.noise_level(kspace, mask))
-    image = BiasRecon(prior, op, kspace, settings, calibration=calibration).run().image
+    settings = dataclasses.replace(method_settings(config, "biasrecon"), adapt="none",
+                                   noise_sigma=noise_level(kspace, mask))
+    calibrated = CalibratedPrior(prior, gamma, 24, 3)  # the profile's γ, passed on as a value
+    image = BiasRecon(calibrated, op, kspace, settings, sampler=TweedieSampler()).run().image
     expected = np.stack([s.denormalize(im.abs()[0]).numpy() for s, im in zip(samples, image)])
     written = _read(reuse / "reconstructions" / "biasrecon" / data.name)
     np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-4 * float(expected.max()))
@@ -202,30 +211,30 @@ def test_noise_level_uses_the_readout_periphery_when_no_outer_column_is_sampled(
     mask = torch.zeros(2, 1, 64, 64)
     mask[..., 24:40] = 1  # only central columns: no outer phase-encoding lines
     kspace = noise * mask
-    assert adapt.noise_level(kspace, mask) == estimate_sigma(kspace, mask) == pytest.approx(0.05, rel=0.05)
+    assert noise_level(kspace, mask) == estimate_sigma(kspace, mask) == pytest.approx(0.05, rel=0.05)
     r2 = (torch.arange(64) - 32.0)[:, None] ** 2 + (torch.arange(64) - 32.0)[None, :] ** 2
     blob = (20 * torch.exp(-r2 / (2 * 6.0**2))).to(torch.complex64)[None, None]
     clean = fft2c(blob).expand(2, 4, 64, 64) * mask
     assert float(clean.abs().max()) > 100 * 0.05  # the object dominates the sampled centre
-    assert adapt.noise_level(clean + kspace, mask) == pytest.approx(0.05, rel=0.1)  # a smooth object barely biases it
+    assert noise_level(clean + kspace, mask) == pytest.approx(0.05, rel=0.1)  # a smooth object barely biases it
 
 
 def test_plan_batches_groups_consecutive_slices_of_one_volume():
     index = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
-    assert adapt.plan_batches(index, 6, 2) == [[0, 1], [2], [3, 4], [5]]
-    assert adapt.plan_batches(index, 4, 8) == [[0, 1, 2], [3]]
+    assert plan_batches(index, 6, 2) == [[0, 1], [2], [3, 4], [5]]
+    assert plan_batches(index, 4, 8) == [[0, 1, 2], [3]]
 
 
 def test_overrides_reach_the_typed_settings():
-    config = adapt.load_config(adapt.DEFAULT_CONFIG, ["biasrecon.num_steps=7", "biasrecon.lam_grid=[0.5,2]",
+    config = load_config(DEFAULT_CONFIG, ["biasrecon.num_steps=7", "biasrecon.lam_grid=[0.5,2]",
                                                       "biasrecon.noise_sigma=0.02"])
-    nosure = adapt.method_settings(config, "biasrecon_nosure")
+    nosure = method_settings(config, "biasrecon_nosure")
     assert (nosure.num_steps, nosure.lam_grid, nosure.noise_sigma, nosure.sure, nosure.adapt) == \
         (7, (0.5, 2.0), 0.02, False, "gamma")
-    assert adapt.method_settings(config, "finetune").adapt == "full"
-    assert (adapt.method_settings(config, "unadapted").adapt, adapt.method_settings(config, "unadapted").sure) == \
+    assert method_settings(config, "finetune").adapt == "full"
+    assert (method_settings(config, "unadapted").adapt, method_settings(config, "unadapted").sure) == \
         ("none", False)
-    assert adapt.split_overrides(["mode=site", "site.noise.sigma=0.1"]) == (["mode=site"], ["noise.sigma=0.1"])
+    assert split_overrides(["mode=site", "site.noise.sigma=0.1"]) == (["mode=site"], ["noise.sigma=0.1"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,3 +316,19 @@ def test_profile_of_another_prior(site_run, tmp_path, capsys):
     assert original.prior != record["prior"]
     out = tmp_path / "out"
     _assert_bad_input(capsys, out, ["--site", "unseen_center", "--profile", str(other), "--out", str(out)], "'prior'")
+
+
+@pytest.mark.parametrize("value", ["no_such_prior", "missing/prior.safetensors"])
+def test_unknown_prior_name_or_missing_file(tmp_path, capsys, value):
+    out = tmp_path / "out"
+    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--prior", value, "--out", str(out)],
+                      f"key '--prior' is '{value}'")
+
+
+def test_help_lists_the_bundled_priors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        adapt.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    names = sorted(p.stem for p in PRIOR_FILE.parent.glob("*.safetensors"))  # the package's weights folder
+    assert names and f"a bundled prior ({', '.join(names)})" in text

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from fastmri import evaluate as fm_eval
 
-from recon.baselines import CLASSICAL_METHODS, run_baseline, sensitivity_maps
+from recon.coils import sensitivity_maps
+from recon.methods import CLASSICAL_METHODS, run_baseline
 from recon.data import FastMRISliceDataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,3 +191,37 @@ def test_fastmri_site_reads_the_data_flag_without_data_root(full_run, tmp_path):
     with h5py.File(out / "reconstructions" / "zero_filled" / _data_files(full_run)[0].name, "r") as hf:
         assert hf["reconstruction"].shape == (1, 64, 64)
     assert "zero_filled" in json.loads((out / "metrics.json").read_text())
+
+
+def test_prior_is_a_bundled_name_or_a_file_and_checked_first(tmp_path, capsys):
+    """``--prior`` is resolved before anything else is read or written, even for classical methods."""
+    out = tmp_path / "out"
+    _assert_bad_input(capsys, out, ["--site", "source_brain", "--method", "sense", "--prior", "nowhere",
+                                    "--out", str(out)], "key '--prior' is 'nowhere'")
+
+
+def test_same_output_shape_as_adapt_for_a_file_with_a_recon_size_header(full_run, tmp_path):
+    """fastMRI's recon_size from the header decides the submission size, whatever the target's size."""
+    import importlib.util as _util
+
+    from recon.data import ismrmrd_header, write_kspace_volume
+
+    source = _data_files(full_run)[0]
+    with h5py.File(source, "r") as hf:
+        kspace = hf["kspace"][:1]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_kspace_volume(data / "cropped.h5", kspace, header=ismrmrd_header((64, 64), (48, 40)))
+    out_r, out_a = tmp_path / "r", tmp_path / "a"
+    assert reconstruct.main(["--site", "source_brain", "--method", "zero_filled", "--data", str(data),
+                             "--out", str(out_r), *TINY]) == 0
+    spec = _util.spec_from_file_location("adapt_for_shape", ROOT / "scripts" / "adapt.py")
+    adapt = _util.module_from_spec(spec)
+    spec.loader.exec_module(adapt)
+    assert adapt.main(["--site", "source_brain", "--data", str(data), "--out", str(out_a), "methods=[zero_filled]",
+                       *[f"site.{t}" for t in TINY]]) == 0
+    shapes = []
+    for out in (out_r, out_a):
+        with h5py.File(out / "reconstructions" / "zero_filled" / "cropped.h5", "r") as hf:
+            shapes.append(hf["reconstruction"].shape)
+    assert shapes == [(1, 48, 40), (1, 48, 40)]

@@ -10,6 +10,8 @@ from fastmri.models import Unet, VarNet
 from torch import nn
 
 from recon.adapt import (
+    CalibratedPrior,
+    calibrated_prior,
     MAX_VARIABLES,
     FrequencyCalibration,
     apply_profile,
@@ -371,3 +373,40 @@ def test_site_profile_round_trip_is_small_and_exact(tmp_path):
         load_profile(tmp_path / "missing.json")
     with pytest.raises(InputError, match="'site'"):
         save_profile(tmp_path / "x.json", calib, site="", prior="p")
+
+
+class _DenoisingNet(nn.Module):
+    """A tiny network with ``denoise(x, sigma)`` on complex images (two real channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _conv_net(depth=3, channels=2, seed=4)
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        h = self.net(torch.cat([x.real, x.imag], dim=1))
+        return torch.complex(h[:, :1], h[:, 1:])
+
+
+def test_calibrated_prior_is_a_value_the_profiles_validated_load_returns(tmp_path):
+    """A saved γ comes back as a CalibratedPrior: its denoiser is the calibrated network's, nothing is
+    left attached to the prior between calls, and a profile of another prior or shape is refused."""
+    prior = _DenoisingNet().requires_grad_(False)
+    calib = FrequencyCalibration(prior, num_layers=3, bands=2)
+    with torch.no_grad():
+        calib.gamma.normal_(0.0, 0.3, generator=_gen(5))
+    x = torch.randn(2, 1, 12, 10, dtype=torch.complex64, generator=_gen(6))
+    with calib:
+        expected = prior.denoise(x, 0.1)
+    path = save_profile(tmp_path / "site.json", calib, site="s", prior="p" * 64)
+    value, profile = calibrated_prior(path, prior, "p" * 64, num_layers=3, bands=2)
+    assert isinstance(value, CalibratedPrior) and profile.site == "s"
+    assert torch.equal(value.gamma, calib.gamma.detach())
+    assert torch.equal(value.denoise(x, 0.1), expected)  # the calibrated network, bit for bit
+    assert not value.calibration.attached and not torch.equal(prior.denoise(x, 0.1), expected)  # prior untouched
+    with torch.no_grad():
+        calib.gamma.zero_()
+    assert torch.equal(value.denoise(x, 0.1), expected)  # a copy of γ: later changes do not leak in
+    with pytest.raises(InputError, match="'prior'"):
+        calibrated_prior(path, prior, "q" * 64, num_layers=3, bands=2)
+    with pytest.raises(InputError, match="'band_edges'"):
+        calibrated_prior(path, prior, "p" * 64, num_layers=3, bands=3)

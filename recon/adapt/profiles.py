@@ -1,0 +1,224 @@
+"""Site profiles: a fitted γ saved for one site and one prior, and its validated load.
+
+A profile is a JSON file of a few hundred bytes: the site, the prior it belongs to (the sha256 of
+the checkpoint), the calibration's shape (layer count and a digest of the layer names, band edges)
+and γ (float32, base64: exact round trip). :func:`load_profile` checks the file's structure;
+:func:`apply_profile` and :func:`calibrated_prior` check that it fits a calibration of a prior
+(same prior, layers and bands) — the one way a saved γ comes back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from recon.adapt.calibration import CalibratedPrior, FrequencyCalibration
+from recon.atomic import write_text
+from recon.errors import InputError
+
+__all__ = ["PROFILE_FORMAT", "SiteProfile", "save_profile", "load_profile", "apply_profile", "calibrated_prior"]
+
+PROFILE_FORMAT: str = "biasrecon.site_profile"
+_PROFILE_VERSION = 1
+
+
+def _layers_digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """A saved calibration of one site for one prior.
+
+    Attributes:
+        site: The site's name.
+        prior: The prior it belongs to (a checkpoint name or sha256).
+        num_layers: ``L``.
+        layers_sha256: First 16 hex digits of the sha256 of the newline-joined layer names.
+        band_edges: The ``B − 1`` band boundaries.
+        gamma: ``(L, B)`` float32 tensor.
+        extra: Free JSON metadata (e.g. the held-out loss reached).
+        source: The file it was read from.
+    """
+
+    site: str
+    prior: str
+    num_layers: int
+    layers_sha256: str
+    band_edges: tuple[float, ...]
+    gamma: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def save_profile(
+    path: str | os.PathLike[str],
+    calibration: FrequencyCalibration,
+    site: str,
+    prior: str,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``calibration``'s ``γ`` as a site profile (JSON, a few hundred bytes), atomically.
+
+    The layer names are stored as their count and a sha256 digest; ``γ`` as little-endian
+    float32 in base64 (exact round trip).
+    Shape: ``γ`` ``(L, B)``.
+
+    Args:
+        path: Output file (the folder must exist); written through a temp file and ``os.replace``.
+        calibration: The fitted calibration.
+        site: Name of the site.
+        prior: The prior the calibration belongs to (checkpoint name or sha256).
+        extra: JSON-serialisable metadata.
+        overwrite: If False, an existing ``path`` is an error.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: empty ``site``/``prior``, unserialisable ``extra``, missing folder, or an
+            existing file with ``overwrite=False``.
+    """
+    path = Path(path)
+    for key, value in (("site", site), ("prior", prior)):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{path}: profile key {key!r} must be a non-empty string, got {value!r}.")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: the folder {path.parent} does not exist; expected an existing folder.")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: the file exists; expected a new path or overwrite=True.")
+    gamma = calibration.gamma.detach().cpu().to(torch.float32).numpy().astype("<f4")
+    record = {
+        "format": PROFILE_FORMAT,
+        "version": _PROFILE_VERSION,
+        "site": site,
+        "prior": prior,
+        "layers": {"count": len(calibration.layer_names), "sha256": _layers_digest(calibration.layer_names)},
+        "band_edges": list(calibration.band_edges),
+        "gamma": {"shape": list(gamma.shape), "float32_base64": base64.b64encode(gamma.tobytes()).decode("ascii")},
+        "extra": dict(extra or {}),
+    }
+    try:
+        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path}: profile key 'extra' must be JSON-serialisable ({err}).") from None
+    write_text(path, text + "\n")
+    return path
+
+
+def load_profile(path: str | os.PathLike[str]) -> SiteProfile:
+    """Read a site profile written by :func:`save_profile`.
+
+    Shape: the profile's ``gamma`` is ``(L, B)`` float32.
+
+    Raises:
+        InputError: missing or unreadable file, not a profile, or a missing / malformed key —
+            naming the file and the key.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: profile file does not exist; expected a JSON site profile.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot be read as JSON ({err}); expected a site profile.") from None
+    if not isinstance(record, dict) or record.get("format") != PROFILE_FORMAT:
+        raise InputError(f"{path}: key 'format' is not {PROFILE_FORMAT!r}; expected a site profile.")
+    if record.get("version") != _PROFILE_VERSION:
+        raise InputError(f"{path}: key 'version' is {record.get('version')!r}, expected {_PROFILE_VERSION}.")
+
+    def need(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = record.get(key)
+        if not isinstance(value, kind):
+            raise InputError(f"{path}: key {key!r} is missing or malformed (got {value!r}).")
+        return value
+
+    site, prior = need("site", str), need("prior", str)
+    layers, gamma_rec = need("layers", dict), need("gamma", dict)
+    edges, extra = need("band_edges", list), record.get("extra", {})
+    try:
+        count, digest = int(layers["count"]), str(layers["sha256"])
+        shape = tuple(int(s) for s in gamma_rec["shape"])
+        raw = base64.b64decode(gamma_rec["float32_base64"], validate=True)
+        edges_t = tuple(float(e) for e in edges)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: key 'layers', 'gamma' or 'band_edges' is malformed ({err}).") from None
+    if len(shape) != 2 or shape[0] != count or shape[1] != len(edges_t) + 1 or len(raw) != 4 * shape[0] * shape[1]:
+        raise InputError(
+            f"{path}: key 'gamma' holds {len(raw) // 4} values of shape {list(shape)}, expected "
+            f"(layers.count, len(band_edges) + 1) = ({count}, {len(edges_t) + 1})."
+        )
+    gamma = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))
+    if not bool(torch.isfinite(gamma).all()):
+        raise InputError(f"{path}: key 'gamma' holds non-finite values.")
+    if not isinstance(extra, dict):
+        raise InputError(f"{path}: key 'extra' must be a JSON object, got {type(extra).__name__}.")
+    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path))
+
+
+def apply_profile(
+    profile: SiteProfile | str | os.PathLike[str],
+    calibration: FrequencyCalibration,
+    prior: str | None = None,
+) -> SiteProfile:
+    """Load a site profile's ``γ`` into ``calibration`` after checking that it fits.
+
+    Args:
+        profile: A :class:`SiteProfile` or the path of one.
+        calibration: A calibration of the same layers and bands.
+        prior: If given, the profile's ``prior`` must equal it.
+
+    Returns:
+        The profile applied.
+
+    Raises:
+        InputError: naming the file and the key (``prior``, ``layers``, ``band_edges``,
+            ``gamma``) that does not match.
+    """
+    if not isinstance(profile, SiteProfile):
+        profile = load_profile(profile)
+    src = profile.source or "site profile"
+    if prior is not None and profile.prior != prior:
+        raise InputError(f"{src}: key 'prior' is {profile.prior!r}, expected {prior!r}.")
+    names = calibration.layer_names
+    if profile.num_layers != len(names) or profile.layers_sha256 != _layers_digest(names):
+        raise InputError(
+            f"{src}: key 'layers' describes {profile.num_layers} layers (sha256 {profile.layers_sha256}), expected "
+            f"this calibration's {len(names)} layers (sha256 {_layers_digest(names)})."
+        )
+    if tuple(profile.band_edges) != tuple(calibration.band_edges):
+        raise InputError(
+            f"{src}: key 'band_edges' is {list(profile.band_edges)}, expected {list(calibration.band_edges)}."
+        )
+    calibration._load_gamma(profile.gamma, src)
+    return profile
+
+
+def calibrated_prior(profile: SiteProfile | str | os.PathLike[str], module: nn.Module, prior: str,
+                     num_layers: int = 24, bands: int = 3) -> tuple[CalibratedPrior, SiteProfile]:
+    """The validated load of a saved γ: the profile checked against ``module``'s calibration and
+    ``prior`` (its sha256), as a :class:`CalibratedPrior`.
+
+    Shape: the profile's γ ``(L, B)`` must be the calibration's.
+
+    Raises:
+        InputError: naming the file and the key that does not fit (``prior``, ``layers``,
+            ``band_edges``, ``gamma``).
+    """
+    calibration = FrequencyCalibration(module, layers="auto", num_layers=num_layers, bands=bands)
+    applied = apply_profile(profile, calibration, prior=prior)
+    value = CalibratedPrior(module, applied.gamma, num_layers, bands, calibration.band_edges,
+                            source=applied.source or "site profile")
+    return value, applied
+

@@ -1,0 +1,129 @@
+"""Figures of a run, rendered to PNG bytes (written with the other summary outputs at the end).
+
+* :func:`comparison_figure`: the first slice — target, each method, and ``|error|`` maps under them.
+* :func:`trajectories_figure`: the held-out k-space loss per calibration step, and SURE's λ curve.
+* :func:`gamma_figure`: the kept γ, layers × bands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from recon.adapt.calibration import FrequencyCalibration
+from recon.data.sample import Sample
+from recon.metrics import psnr
+
+__all__ = ["comparison_figure", "trajectories_figure", "gamma_figure"]
+
+
+def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes (and closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def comparison_figure(sample: Sample, images: dict[str, np.ndarray]) -> bytes:
+    """First slice: target, each method, and |error| maps under them (PSNR in the titles).
+
+    Shape: ``images`` ``{method: (h, w)}`` raw scale; the target is the Sample's, back on the raw scale.
+    """
+    plt = _pyplot()
+    target = None if sample.target is None else sample.denormalize(sample.target).numpy()
+    columns = ([("target", target)] if target is not None else []) + list(images.items())
+    rows = 2 if target is not None else 1
+    vmax = float(np.percentile(target if target is not None else next(iter(images.values())), 99.5))
+    fig, axes = plt.subplots(rows, len(columns), figsize=(3.0 * len(columns), 3.1 * rows), squeeze=False)
+    errors = {m: np.abs(im - target) for m, im in images.items()} if target is not None else {}
+    emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
+    for col, (name, image) in enumerate(columns):
+        ax = axes[0, col]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
+        title = name
+        if target is not None and name != "target":
+            title += f"\nPSNR {psnr(target, image):.2f} dB"
+        ax.set_title(title, fontsize=9)
+        if rows == 2:
+            if name == "target":
+                axes[1, col].axis("off")
+            else:
+                axes[1, col].imshow(errors[name], cmap="magma", vmin=0, vmax=emax)
+                axes[1, col].set_title(f"|error| {name}", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{sample.fname} slice {sample.slice_idx}", fontsize=10)
+    return _png(fig)
+
+
+def trajectories_figure(history: list[dict], history_label: str, sure_curves: dict[str, dict]) -> bytes:
+    """Held-out k-space loss per calibration step, and the SURE curve λ vs SURE(λ) with the chosen λ.
+
+    ``sure_curves``: ``{method: {"lam": λ, "sure_curve": [(λ, SURE(λ))]}}`` of the first batch.
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if history:
+        steps = [r["step"] for r in history]
+        left.plot(steps, [r["loss"] for r in history], "o-", label="held-out loss (random split)")
+        left.plot(steps, [r["val_loss"] for r in history], "s-", label="validation loss of the kept γ")
+        left.set_xlabel("calibration step")
+        left.xaxis.get_major_locator().set_params(integer=True)
+        left.set_ylabel(r"$\|M_\Lambda(FSx) - y_\Lambda\|^2 / \|y_\Lambda\|^2$")
+        left.legend(fontsize=8)
+        left.set_title(f"calibration ({history_label})", fontsize=10)
+    else:
+        left.text(0.5, 0.5, "no calibration in this run", ha="center", va="center")
+        left.set_axis_off()
+    drawn = False
+    for name, first in sure_curves.items():
+        if first["sure_curve"]:
+            lams, values = zip(*first["sure_curve"])
+            right.plot(lams, values, "o-", label=f"{name} (λ = {first['lam']:g})")
+            right.axvline(first["lam"], color=right.lines[-1].get_color(), ls=":")
+            drawn = True
+    if drawn:
+        right.set_xscale("log")
+        right.set_xlabel("λ")
+        right.set_ylabel("SURE(λ)")
+        right.legend(fontsize=8)
+        right.set_title("λ-step (first batch)", fontsize=10)
+    else:
+        right.text(0.5, 0.5, "no SURE in this run", ha="center", va="center")
+        right.set_axis_off()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def gamma_figure(calibration: FrequencyCalibration, label: str) -> bytes:
+    """Heatmap of γ, layers × bands, with the layer names."""
+    plt = _pyplot()
+    gamma = calibration.gamma.detach().cpu().numpy()
+    layers, bands = gamma.shape
+    bound = max(float(np.abs(gamma).max()), 1e-6)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * bands, 1.0 + 0.24 * layers))
+    shown = ax.imshow(gamma, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    edges = (0.0, *calibration.band_edges, 2**0.5)
+    ax.set_xticks(range(bands), [f"band {b}\n{edges[b]:.2f}-{edges[b + 1]:.2f}" for b in range(bands)], fontsize=8)
+    ax.set_yticks(range(layers), calibration.layer_names, fontsize=7)
+    fig.colorbar(shown, ax=ax, label="γ")
+    ax.set_title(f"γ ({label})", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,320 @@
+"""The method table: every reconstruction method by name, classical and prior-based, in one registry.
+
+``adapt.py``, ``reconstruct.py`` and ``evaluate.py`` read this table, so a name means one thing
+everywhere:
+
+* classical (no prior): ``zero_filled``, ``sense``, ``l1wavelet``, ``tv`` — functions
+  ``(sample, sens_maps, **params) -> Reconstruction`` of :mod:`recon.baselines`, run per slice by
+  :func:`run_baseline`; their parameters are the functions' keyword arguments.
+* prior-based: the optimizer :class:`recon.biasrecon.BiasRecon` on a batch of slices, with the
+  run's :class:`~recon.biasrecon.BiasReconSettings` changed as the table says (``changes``):
+  ``biasrecon`` (as configured: γ calibration, λ by SURE), ``biasrecon_nosure`` (fixed λ),
+  ``unadapted`` (the prior as trained, fixed λ), ``unadapted_sure`` (the prior as trained, λ by
+  SURE), ``finetune`` (every weight of the prior fitted per scan, the full test-time-adaptation
+  baseline) and ``prior_dc`` (the prior with near-hard data consistency, λ = 10⁻⁴, along 50 levels
+  from σ = 1). Their parameters are the settings' fields. Adaptation methods added later are rows here.
+
+Best-λ tuning (:func:`tune_lambda`) picks λ of a classical method on the very slices it is scored on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from recon.baselines import PARAMETER_CHECKS, Reconstruction, l1_wavelet, sense, total_variation, zero_filled
+from recon.biasrecon import BiasReconSettings
+from recon.data.sample import Sample
+from recon.data.transforms import center_crop
+from recon.errors import InputError
+from recon.metrics import psnr
+
+__all__ = [
+    "Method",
+    "METHODS",
+    "CLASSICAL_METHODS",
+    "PRIOR_METHODS",
+    "TUNABLE_METHODS",
+    "DEFAULT_LAMBDA_GRID",
+    "parse_methods",
+    "method_parameters",
+    "check_params",
+    "prior_settings",
+    "run_baseline",
+    "LambdaScore",
+    "slice_psnr",
+    "tune_lambda",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table.
+
+    Attributes:
+        name: the method's name (output folder ``reconstructions/<name>``).
+        kind: ``"classical"`` (a function of one slice) or ``"prior"`` (BiasRecon on a batch).
+        run: the classical function ``(sample, sens_maps, **params) -> Reconstruction``.
+        changes: the prior method's replacements of the run's :class:`BiasReconSettings`.
+    """
+
+    name: str
+    kind: str
+    run: Callable[..., Reconstruction] | None = None
+    changes: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _table(*rows: Method) -> Mapping[str, Method]:
+    return MappingProxyType({row.name: row for row in rows})
+
+
+METHODS: Mapping[str, Method] = _table(
+    Method("zero_filled", "classical", run=zero_filled),
+    Method("sense", "classical", run=sense),
+    Method("l1wavelet", "classical", run=l1_wavelet),
+    Method("tv", "classical", run=total_variation),
+    Method("biasrecon", "prior"),
+    Method("biasrecon_nosure", "prior", changes={"sure": False}),
+    Method("unadapted", "prior", changes={"adapt": "none", "sure": False}),
+    Method("unadapted_sure", "prior", changes={"adapt": "none", "sure": True}),
+    Method("finetune", "prior", changes={"adapt": "full"}),
+    Method("prior_dc", "prior", changes={"adapt": "none", "sure": False, "lam": 1e-4, "num_steps": 50,
+                                         "sigma_start": 1.0, "sigma_end": 0.01}),
+)
+"""Registry ``name → Method`` (read-only)."""
+
+CLASSICAL_METHODS: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.kind == "classical")
+"""The methods that need no prior (what ``reconstruct.py --method all`` runs)."""
+
+PRIOR_METHODS: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.kind == "prior")
+"""The methods that run the prior through :class:`recon.biasrecon.BiasRecon`."""
+
+TUNABLE_METHODS: tuple[str, ...] = ("l1wavelet", "tv")
+"""Methods whose ``lam`` :func:`tune_lambda` searches."""
+
+DEFAULT_LAMBDA_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+"""λ grid for the tunable methods, on the normalised scale (P99 of the low-resolution image = 1)."""
+
+
+def _known(method: str, where: str = "method: key 'method'") -> Method:
+    if method not in METHODS:
+        raise InputError(f"{where} is {method!r}, expected one of {', '.join(METHODS)}.")
+    return METHODS[method]
+
+
+def parse_methods(text: str, where: str = "command line: key '--method'") -> list[str]:
+    """``all`` → the classical methods; ``all+prior`` → every method; else a comma list of names, in
+    order, duplicates dropped.
+
+    Raises:
+        InputError: an empty list or an unknown name, naming ``where``.
+    """
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(CLASSICAL_METHODS)
+    if names == ["all+prior"]:
+        return list(METHODS)
+    if not names:
+        raise InputError(f"{where} is empty, expected a method, a comma list or 'all'.")
+    for name in names:
+        if name not in METHODS:
+            raise InputError(f"{where} names {name!r}, expected 'all' or one of {', '.join(METHODS)}.")
+    return list(dict.fromkeys(names))
+
+
+def method_parameters(method: str) -> tuple[str, ...]:
+    """Names of a method's parameters: a classical function's keyword arguments after
+    ``sample, sens_maps``, or the :class:`BiasReconSettings` fields of a prior method.
+
+    Raises:
+        InputError: unknown method.
+    """
+    row = _known(method)
+    if row.kind == "prior":
+        return tuple(f.name for f in dataclasses.fields(BiasReconSettings))
+    return tuple(list(inspect.signature(row.run).parameters)[2:])
+
+
+def check_params(method: str, params: dict[str, Any]) -> None:
+    """Check a method's parameters before any data are read: known names, valid values.
+
+    Values of the classical methods' common parameters (``lam``, ``max_iter``, ``step``, ``tol``,
+    ``seed``) are checked here (a method checks any others itself when called); a prior method's
+    by :class:`BiasReconSettings`.
+
+    Raises:
+        InputError: unknown method or parameter name, or an invalid value.
+    """
+    allowed = method_parameters(method)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise InputError(
+            f"{method}: parameter key '{unknown[0]}' is unknown, expected one of {', '.join(allowed) or '(none)'}."
+        )
+    if METHODS[method].kind == "prior":
+        prior_settings(BiasReconSettings(), method, params)
+        return
+    for name, value in params.items():
+        if name in PARAMETER_CHECKS:
+            PARAMETER_CHECKS[name](value, method)
+
+
+def prior_settings(base: BiasReconSettings, method: str, params: Mapping[str, Any] | None = None) -> BiasReconSettings:
+    """The settings a prior method runs with: ``base``, the table's changes, then ``params``.
+
+    Raises:
+        InputError: not a prior method, or invalid settings (checked by :class:`BiasReconSettings`).
+    """
+    row = _known(method)
+    if row.kind != "prior":
+        raise InputError(f"method: key 'method' is {method!r}, expected a prior method ({', '.join(PRIOR_METHODS)}).")
+    values = {**row.changes, **dict(params or {})}
+    if "lam_grid" in values:
+        values["lam_grid"] = tuple(float(v) for v in values["lam_grid"])
+    try:
+        return dataclasses.replace(base, **values)
+    except TypeError as exc:  # a value of the wrong type inside the settings' own checks
+        raise InputError(f"{method}: settings {values} are invalid ({exc}).") from None
+
+
+def _check_maps(sample: Sample, sens_maps: object) -> torch.Tensor:
+    source = f"{sample.fname} (slice {sample.slice_idx})"
+    shape = tuple(sample.kspace.shape)
+    if not isinstance(sens_maps, torch.Tensor) or not torch.is_complex(sens_maps) or tuple(sens_maps.shape) != shape:
+        got = f"{sens_maps.dtype} of shape {tuple(sens_maps.shape)}" if isinstance(sens_maps, torch.Tensor) \
+            else type(sens_maps).__name__
+        raise InputError(f"{source}: key 'sens_maps' must be a complex tensor of the k-space shape {shape}, got {got}.")
+    if not bool(torch.isfinite(torch.view_as_real(sens_maps.to(torch.complex64))).all()):
+        raise InputError(f"{source}: key 'sens_maps' contains NaN or Inf values, expected finite sensitivity maps.")
+    return sens_maps.to(torch.complex64)
+
+
+def run_baseline(method: str, sample: Sample, sens_maps: torch.Tensor, **params: Any) -> Reconstruction:
+    """Reconstruct one slice with a registered method.
+
+    Maths: see the module docstring and each method.
+
+    Shape: ``sample.kspace`` ``(C, H, W)``; ``sens_maps`` ``(C, H, W)`` complex; returns an image
+    ``(H, W)`` complex64 on the normalised scale.
+
+    Args:
+        method: A key of :data:`METHODS`.
+        sample: The measured slice.
+        sens_maps: Coil sensitivities (:func:`recon.coils.sensitivity_maps`).
+        **params: The method's parameters (``lam``, ``max_iter``, ...).
+
+    Returns:
+        The reconstruction, its timing and the parameters used.
+
+    Raises:
+        InputError: unknown method or parameter, maps of the wrong shape, invalid values.
+    """
+    row = _known(method)
+    if row.kind != "classical":
+        raise InputError(f"method: key 'method' is {method!r}, expected a classical method "
+                         f"({', '.join(CLASSICAL_METHODS)}); prior methods run on batches (recon.runner).")
+    if not isinstance(sample, Sample):
+        raise InputError(f"{method}: key 'sample' must be a recon.data.Sample, got {type(sample).__name__}.")
+    maps = _check_maps(sample, sens_maps)
+    check_params(method, params)
+    return row.run(sample, maps, **params)
+
+
+
+# --------------------------------------------------------------------------------------------
+# best-λ tuning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LambdaScore:
+    """One grid point of :func:`tune_lambda`.
+
+    Attributes:
+        lam: The regularisation weight.
+        mean_psnr: Mean PSNR (dB) over the slices.
+        psnrs: Per-slice PSNRs, in the order of the samples.
+    """
+
+    lam: float
+    mean_psnr: float
+    psnrs: tuple[float, ...]
+
+
+def slice_psnr(sample: Sample, image: torch.Tensor) -> float:
+    """PSNR of one reconstructed slice against the sample's target (fastMRI definition).
+
+    Maths: ``psnr(t, center_crop(|x|))`` with ``maxval`` the file's volume maximum
+    (``Sample.max_value``) when known, otherwise the slice target's maximum.
+
+    Shape: ``image`` ``(H, W)``; target ``(h, w)``, ``h ≤ H``, ``w ≤ W``.
+    """
+    target = sample.target
+    if target is None:
+        raise InputError(
+            f"{sample.fname} (slice {sample.slice_idx}): key 'target' is missing, expected a target image."
+        )
+    pred = center_crop(image.abs(), tuple(target.shape))
+    target = center_crop(target, tuple(pred.shape))
+    return psnr(target, pred, maxval=sample.max_value)
+
+
+def tune_lambda(method: str, samples: Sequence[Sample], maps: Sequence[torch.Tensor],
+                grid: Sequence[float] = DEFAULT_LAMBDA_GRID, **params: Any) -> tuple[float, list[LambdaScore]]:
+    """Best λ of a method on a set of slices, chosen against their targets.
+
+    Maths: ``λ* = argmax_{λ ∈ grid} mean_s PSNR(t_s, |x_s(λ)|)`` (:func:`slice_psnr`); ties go
+    to the first grid point. This is the oracle "best-tuned" baseline: λ is chosen on the very
+    slices it is evaluated on.
+
+    Shape: ``samples[i].kspace`` ``(C, H, W)``, ``maps[i]`` of the same shape.
+
+    Args:
+        method: A method with a ``lam`` parameter (e.g. ``l1wavelet``, ``tv``).
+        samples: Slices with targets.
+        maps: Their sensitivity maps, in the same order.
+        grid: Candidate λ values (non-negative).
+        **params: Other parameters of the method (e.g. ``max_iter``), the same for every λ.
+
+    Returns:
+        ``(λ*, table)``: the best λ and one :class:`LambdaScore` per grid point, in grid order.
+
+    Raises:
+        InputError: a method without ``lam``, an empty or invalid grid, no samples, samples
+            without targets, or maps not matching the samples.
+    """
+    _known(method)
+    if "lam" not in method_parameters(method):
+        raise InputError(f"{method}: key 'lam' is not a parameter of this method, expected a method with a λ to tune.")
+    if "lam" in params:
+        raise InputError(f"{method}: parameter key 'lam' is set by the grid, expected it only in 'grid'.")
+    grid = [float(g) for g in grid]
+    if not grid or not all(math.isfinite(g) and g >= 0 for g in grid):
+        raise InputError(f"{method}: key 'grid' must be a non-empty list of non-negative numbers, got {grid}.")
+    if not samples or len(samples) != len(maps):
+        raise InputError(
+            f"{method}: keys 'samples' and 'maps' must be non-empty and of equal length, "
+            f"got {len(samples)} and {len(maps)}."
+        )
+    for sample in samples:
+        if sample.target is None:
+            raise InputError(
+                f"{sample.fname} (slice {sample.slice_idx}): key 'target' is missing, expected targets to tune λ."
+            )
+    table = []
+    for lam in grid:
+        scores = tuple(
+            slice_psnr(sample, run_baseline(method, sample, m, lam=lam, **params).image)
+            for sample, m in zip(samples, maps)
+        )
+        table.append(LambdaScore(lam=lam, mean_psnr=float(np.mean(scores)), psnrs=scores))
+    best = max(range(len(table)), key=lambda i: (table[i].mean_psnr, -i))
+    return table[best].lam, table
