@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recon.errors import InputError  # noqa: E402
-from scores.checkpoints import CheckpointError  # noqa: E402
-from scores.config import ConfigError, PriorConfig, load_prior_config  # noqa: E402
-from scores.train import train  # noqa: E402
+from recon.errors import InputError
+from scores.checkpoints import CheckpointError
+from scores.config import ConfigError, PriorConfig, load_prior_config
+from scores.priors import bundled_priors, resolve_prior
+from scores.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,16 +98,14 @@ def training_data(cfg: PriorConfig) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 
 def init_checkpoint(cfg: PriorConfig, config_path: Path) -> Path | None:
-    """``train.init_from`` as a file: a bundled prior's name (``scores/weights/NAME.safetensors``) or a path."""
-    name = cfg.train.init_from
-    if name is None:
+    """``train.init_from`` as a file: a bundled prior's name or a checkpoint path (:func:`scores.priors.resolve_prior`)."""
+    if cfg.train.init_from is None:
         return None
-    bundled = Path(__file__).resolve().parents[1] / "scores" / "weights" / f"{name}.safetensors"
-    path = bundled if bundled.is_file() else Path(os.path.expanduser(name))
-    if not path.is_file():
-        raise InputError(f"{config_path}: key 'train.init_from' is {name!r}, expected a bundled prior name or a "
-                         f"checkpoint file.")
-    return path
+    try:
+        return resolve_prior(cfg.train.init_from)
+    except CheckpointError:
+        raise InputError(f"{config_path}: key 'train.init_from' is {cfg.train.init_from!r}, expected a bundled prior "
+                         f"({', '.join(bundled_priors())}) or a checkpoint file.") from None
 
 
 def write_config(path: Path, cfg: PriorConfig) -> None:

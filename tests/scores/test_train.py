@@ -201,3 +201,26 @@ def test_patch_training_denoises_larger_whole_images(tmp_path: Path, blobs32: to
     with pytest.raises(ValueError, match="patch_size"):
         train(load_prior_config(TINY, ["train.patch_size=40", *QUIET]), blobs32, tmp_path / "big", progress=False)
     assert not (tmp_path / "big").exists()
+
+
+def test_warm_start_copies_weights_and_drops_the_attention(tmp_path: Path, blobs16: torch.Tensor) -> None:
+    from scores.checkpoints import CheckpointError, warm_start
+
+    source_cfg = load_prior_config(TINY, ["network.attention=true", "train.steps=3", *QUIET])
+    train(source_cfg, blobs16, tmp_path / "source", progress=False)
+    source, _ = load_checkpoint(tmp_path / "source" / CHECKPOINT_NAME)
+    plain_cfg = load_prior_config(TINY, ["network.attention=false"])
+    model = ScoreModel.from_config(plain_cfg.network)
+    facts = warm_start(model, tmp_path / "source" / CHECKPOINT_NAME)
+    weights = source.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert facts["init_dropped"] and all(".attention." in n for n in facts["init_dropped"])
+    assert facts["init_step"] == 3 and len(facts["init_sha256"]) == 64
+    wider = ScoreModel.from_config(load_prior_config(TINY, ["network.base_channels=12"]).network)
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        warm_start(wider, tmp_path / "source" / CHECKPOINT_NAME)
+    # through train(): the first step starts from the source's weights and the metadata says so
+    cfg = load_prior_config(TINY, ["network.attention=false", "train.steps=1", "train.init_from=mine", *QUIET])
+    train(cfg, blobs16, tmp_path / "tuned", progress=False, init_checkpoint=tmp_path / "source" / CHECKPOINT_NAME)
+    _, meta = load_checkpoint(tmp_path / "tuned" / CHECKPOINT_NAME)
+    assert meta["init_from"] == "mine" and meta["init_sha256"] == facts["init_sha256"]
