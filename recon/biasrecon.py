@@ -96,8 +96,13 @@ class BiasReconSettings:
         theta_steps: Adam steps per θ-step; adapt_fraction: share of the schedule with θ-steps;
             lr: Adam's learning rate; split_ratio: share of the sampled non-ACS k-space held out;
             acs_fraction: centre kept in Θ.
-        lam: λ of the prox (the fixed λ when ``sure=False``, and during calibration).
-        sure: choose λ by SURE over ``lam_grid``; noise_sigma: measurement σ (``E|n|² = σ²``),
+        lam: λ of the prox (the fixed λ when ``sure=False``, and during calibration) with ``lam_rule="fixed"``.
+        lam_rule: the λ of the chain's data consistency: "fixed" (``lam``) or "noise" — the MAP weight of a
+            measurement of noise σ against a prior estimate of error ``prior_error`` per complex pixel,
+            ``λ = σ̂² / prior_error²`` (σ̂ = ``noise_sigma`` or estimated from the k-space), so a noisier scan
+            trusts the prior more; prior_error: that error on the normalised scale.
+        sure: choose the final λ by SURE over ``lam_grid`` (``sure_refine``: then by golden-section search of
+            log λ between the grid neighbours of its minimum); noise_sigma: measurement σ (``E|n|² = σ²``),
             None estimates it from the k-space; sure_epsilon: probe step relative to σ.
         cg_iters: CG iterations of the prox; seed: seeds every random draw.
         calib_iterate: data consistency of the calibration's own iterate (the one the θ-steps denoise).
@@ -123,8 +128,11 @@ class BiasReconSettings:
     split_ratio: float = 0.4
     acs_fraction: float = 0.08
     lam: float = 0.01
+    lam_rule: str = "fixed"
+    prior_error: float = 0.035
     sure: bool = True
     lam_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
+    sure_refine: bool = False
     noise_sigma: float | None = None
     sure_epsilon: float = 0.1
     cg_iters: int = 10
@@ -142,6 +150,10 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.adapt must be 'gamma', 'full' or 'none', got {self.adapt!r}")
         if not 0 < self.split_ratio < 1:
             raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.lam_rule not in ("fixed", "noise"):
+            raise InputError(f"biasrecon.lam_rule must be 'fixed' or 'noise', got {self.lam_rule!r}")
+        if not (self.prior_error > 0 and math.isfinite(self.prior_error)):
+            raise InputError(f"biasrecon.prior_error must be a positive number, got {self.prior_error}")
         if self.calib_iterate not in ("full", "theta"):
             raise InputError(f"biasrecon.calib_iterate must be 'full' or 'theta', got {self.calib_iterate!r}")
         if self.lam <= 0 or not self.lam_grid or min(self.lam_grid) <= 0:
@@ -171,7 +183,8 @@ class BiasReconResult:
 
     Attributes:
         image: complex ``(B, 1, H, W)`` final estimate (normalised scale).
-        lam: the λ used; noise_sigma: the σ given to SURE.
+        lam: the λ of the final data consistency; chain_lam: the λ of the chain's (``lam_rule``);
+        noise_sigma: the σ given to SURE and the noise rule.
         history: one record per calibration step ``{"step", "sigma", "loss", "val_loss", "gamma"}``
             (``val_loss``: the one-denoising validation score of the best γ so far).
         sure_curve: ``[(λ, SURE(λ))]`` of the λ-step (empty without SURE).
@@ -189,6 +202,7 @@ class BiasReconResult:
     val_loss_zero: float | None = None
     val_loss_best: float | None = None
     seconds: float = 0.0
+    chain_lam: float | None = None
 
 
 def _sense_start(op: Sense, kspace: torch.Tensor, cg_iters: int) -> torch.Tensor:
@@ -231,6 +245,13 @@ class BiasRecon:
         if tuple(kspace.shape) != op.shape:
             raise InputError(f"k-space has shape {tuple(kspace.shape)}, expected {op.shape} for this operator")
         self.s, self.op, self.y, self.sampler = settings, op, kspace, sampler
+        self.noise_sigma = settings.noise_sigma
+        if settings.lam_rule == "noise" or settings.sure:
+            if self.noise_sigma is None:
+                self.noise_sigma = estimate_sigma(kspace, op.mask)
+        self.lam = settings.lam  # λ of the chain's data consistency
+        if settings.lam_rule == "noise":
+            self.lam = min(max(self.noise_sigma**2 / settings.prior_error**2, 1e-4), 1e2)
         self.device = kspace.device
         self.gen = torch.Generator().manual_seed(settings.seed)
         self.sigmas = [float(v) for v in sampler.levels(settings.sigma_start, settings.sigma_end, settings.num_steps)]
@@ -325,7 +346,7 @@ class BiasRecon:
     @torch.no_grad()
     def _validation_loss(self) -> float:
         x_hat = self.prior.denoise(self.val_x, self.val_sigma)
-        x_dc = prox(self.val_op, self.val_y, x_hat, self.s.lam, self.s.cg_iters)
+        x_dc = prox(self.val_op, self.val_y, x_hat, self.lam, self.s.cg_iters)
         return float(heldout_loss(self.op, self.y, x_dc, self.val_lambda))
 
     def _set_params(self, values: list[torch.Tensor]) -> None:
@@ -346,7 +367,7 @@ class BiasRecon:
                 else:
                     theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, self.calib_lambda
                 x_hat = self.prior.denoise(x.detach(), sigma)
-                x_dc = prox(theta_op, y_theta, x_hat, self.s.lam, self.s.cg_iters)
+                x_dc = prox(theta_op, y_theta, x_hat, self.lam, self.s.cg_iters)
                 loss = heldout_loss(self.op, self.y, x_dc, lam_mask)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -375,7 +396,7 @@ class BiasRecon:
 
     def chain_heldout_loss(self) -> float:
         """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters)."""
-        x0, _ = self.x_step_chain(self.val_op, self.val_y, self.s.lam)
+        x0, _ = self.x_step_chain(self.val_op, self.val_y, self.lam)
         return float(heldout_loss(self.op, self.y, x0, self.val_lambda))
 
     def final_guard(self) -> None:
@@ -412,7 +433,7 @@ class BiasRecon:
         ys = torch.cat([self.y, self.y + eps * b])
         mask = self.op.mask.repeat(2, 1, 1, 1) if self.op.mask.dim() == 4 else self.op.mask
         pair = Sense(self.op.sens_maps.repeat(2, 1, 1, 1), mask, fused=self.op.fused)
-        _, x_hat = self.x_step_chain(pair, ys, self.s.lam, copies=2)
+        _, x_hat = self.x_step_chain(pair, ys, self.lam, copies=2)
         images: list[torch.Tensor] = []
 
         def measure(lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,7 +443,7 @@ class BiasRecon:
             return f[:n], f[n:]
 
         choice = sure_over_grid(self.y, b, eps, sigma, sampled_count(self.op.mask, tuple(self.y.shape)),
-                                self.s.lam_grid, measure)
+                                self.s.lam_grid, measure, refine=self.s.sure_refine)
         return choice.lam, images[choice.index], choice.curve
 
     def calibrate(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> None:
@@ -438,7 +459,7 @@ class BiasRecon:
         if self.adapt_steps:
             with torch.no_grad():
                 x_start = _sense_start(self.calib_op, self.calib_y, self.s.cg_iters)
-            dc = lambda x_hat, sigma: prox(self.calib_op, self.calib_y, x_hat, self.s.lam, self.s.cg_iters)  # noqa: E731
+            dc = lambda x_hat, sigma: prox(self.calib_op, self.calib_y, x_hat, self.lam, self.s.cg_iters)  # noqa: E731
             self.x = self.sampler(_CalibratingPrior(self, callback), tuple(x_start.shape),
                                   self.sigmas[: self.adapt_steps], dc=dc, eta=self.s.eta, generator=self.gen,
                                   x_start=x_start, progress=progress)
@@ -451,11 +472,9 @@ class BiasRecon:
         try:
             self.calibrate(progress, callback)
             if self.s.sure:
-                self.noise_sigma = (self.s.noise_sigma if self.s.noise_sigma is not None
-                                    else estimate_sigma(self.y, self.op.mask))
                 lam, image, curve = self.lambda_step()
             else:
-                self.noise_sigma, lam, curve = self.s.noise_sigma, self.s.lam, []
+                lam, curve = self.lam, []
                 image, _ = self.x_step_chain(self.op, self.y, lam, progress=progress)
         finally:
             if self.calibration is not None:
@@ -463,4 +482,5 @@ class BiasRecon:
         gamma = self.calibration.gamma.detach().clone() if self.s.adapt == "gamma" else None
         return BiasReconResult(image=image, lam=lam, noise_sigma=self.noise_sigma, history=self.history,
                                sure_curve=curve, gamma=gamma, val_loss_zero=self.val_loss_zero,
-                               val_loss_best=self.val_loss_best, seconds=time.perf_counter() - start)
+                               val_loss_best=self.val_loss_best, seconds=time.perf_counter() - start,
+                               chain_lam=self.lam)

@@ -50,6 +50,7 @@ __all__ = [
     "prior_settings",
     "run_baseline",
     "LambdaScore",
+    "SCORED_AGAINST",
     "slice_psnr",
     "tune_lambda",
 ]
@@ -242,34 +243,47 @@ class LambdaScore:
         lam: The regularisation weight.
         mean_psnr: Mean PSNR (dB) over the slices.
         psnrs: Per-slice PSNRs, in the order of the samples.
+        images: The reconstructions ``(H, W)`` complex, in the order of the samples (scored again
+            against another reference without solving again).
     """
 
     lam: float
     mean_psnr: float
     psnrs: tuple[float, ...]
+    images: tuple[torch.Tensor, ...] = ()
 
 
-def slice_psnr(sample: Sample, image: torch.Tensor) -> float:
-    """PSNR of one reconstructed slice against the sample's target (fastMRI definition).
+SCORED_AGAINST = ("target", "reference")
+"""What a reconstruction is scored against: fastMRI's target (RSS of the noisy fully sampled data) or the
+clean reference (the image before simulated noise, ``Sample.reference``)."""
 
-    Maths: ``psnr(t, center_crop(|x|))`` with ``maxval`` the file's volume maximum
-    (``Sample.max_value``) when known, otherwise the slice target's maximum.
+
+def slice_psnr(sample: Sample, image: torch.Tensor, against: str = "target") -> float:
+    """PSNR of one reconstructed slice against the sample's target or clean reference (fastMRI definition).
+
+    Maths: ``psnr(t, center_crop(|x|))``; against the target ``maxval`` is the file's volume maximum
+    (``Sample.max_value``) when known, otherwise the slice target's maximum; against the reference it
+    is the reference's maximum.
 
     Shape: ``image`` ``(H, W)``; target ``(h, w)``, ``h ≤ H``, ``w ≤ W``.
     """
-    target = sample.target
+    if against not in SCORED_AGAINST:
+        raise InputError(f"key 'against' is {against!r}, expected one of {', '.join(SCORED_AGAINST)}.")
+    target = getattr(sample, against)
     if target is None:
         raise InputError(
-            f"{sample.fname} (slice {sample.slice_idx}): key 'target' is missing, expected a target image."
+            f"{sample.fname} (slice {sample.slice_idx}): key '{against}' is missing, expected a {against} image."
         )
     pred = center_crop(image.abs(), tuple(target.shape))
     target = center_crop(target, tuple(pred.shape))
-    return psnr(target, pred, maxval=sample.max_value)
+    maxval = sample.max_value if against == "target" else float(target.max())
+    return psnr(target, pred, maxval=maxval)
 
 
 def tune_lambda(method: str, samples: Sequence[Sample], maps: Sequence[torch.Tensor],
-                grid: Sequence[float] = DEFAULT_LAMBDA_GRID, **params: Any) -> tuple[float, list[LambdaScore]]:
-    """Best λ of a method on a set of slices, chosen against their targets.
+                grid: Sequence[float] = DEFAULT_LAMBDA_GRID, against: str = "target",
+                **params: Any) -> tuple[float, list[LambdaScore]]:
+    """Best λ of a method on a set of slices, chosen against their targets (or clean references).
 
     Maths: ``λ* = argmax_{λ ∈ grid} mean_s PSNR(t_s, |x_s(λ)|)`` (:func:`slice_psnr`); ties go
     to the first grid point. This is the oracle "best-tuned" baseline: λ is chosen on the very
@@ -282,6 +296,7 @@ def tune_lambda(method: str, samples: Sequence[Sample], maps: Sequence[torch.Ten
         samples: Slices with targets.
         maps: Their sensitivity maps, in the same order.
         grid: Candidate λ values (non-negative).
+        against: ``"target"`` or ``"reference"`` (:data:`SCORED_AGAINST`).
         **params: Other parameters of the method (e.g. ``max_iter``), the same for every λ.
 
     Returns:
@@ -304,17 +319,17 @@ def tune_lambda(method: str, samples: Sequence[Sample], maps: Sequence[torch.Ten
             f"{method}: keys 'samples' and 'maps' must be non-empty and of equal length, "
             f"got {len(samples)} and {len(maps)}."
         )
+    if against not in SCORED_AGAINST:
+        raise InputError(f"{method}: key 'against' is {against!r}, expected one of {', '.join(SCORED_AGAINST)}.")
     for sample in samples:
-        if sample.target is None:
+        if getattr(sample, against) is None:
             raise InputError(
-                f"{sample.fname} (slice {sample.slice_idx}): key 'target' is missing, expected targets to tune λ."
+                f"{sample.fname} (slice {sample.slice_idx}): key '{against}' is missing, expected {against}s to tune λ."
             )
     table = []
     for lam in grid:
-        scores = tuple(
-            slice_psnr(sample, run_baseline(method, sample, m, lam=lam, **params).image)
-            for sample, m in zip(samples, maps)
-        )
-        table.append(LambdaScore(lam=lam, mean_psnr=float(np.mean(scores)), psnrs=scores))
+        images = tuple(run_baseline(method, sample, m, lam=lam, **params).image for sample, m in zip(samples, maps))
+        scores = tuple(slice_psnr(sample, image, against) for sample, image in zip(samples, images))
+        table.append(LambdaScore(lam=lam, mean_psnr=float(np.mean(scores)), psnrs=scores, images=images))
     best = max(range(len(table)), key=lambda i: (table[i].mean_psnr, -i))
     return table[best].lam, table

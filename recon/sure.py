@@ -135,27 +135,63 @@ def sure(y: torch.Tensor, fy: torch.Tensor, divergence: float, sigma: float, m: 
 
 @dataclass
 class SureCurve:
-    """Result of :func:`sure_over_grid`: the chosen λ, its index in the grid, and ``[(λ, SURE(λ))]``."""
+    """Result of :func:`sure_over_grid`: the chosen λ, its index in the evaluation order, and
+    ``[(λ, SURE(λ))]`` in that order (the grid first, then any refinement points)."""
 
     lam: float
     index: int
     curve: list[tuple[float, float]]
 
 
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _golden_log(objective: Callable[[float], float], lo: float, hi: float, tol: float, max_iter: int = 40) -> None:
+    """Golden-section search of ``objective(λ)`` on ``log λ ∈ [lo, hi]`` until the bracket is narrower than
+    ``tol``; the caller keeps the evaluations (the objective records them)."""
+    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    fc, fd = objective(math.exp(c)), objective(math.exp(d))
+    for _ in range(max_iter):
+        if hi - lo < tol:
+            break
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - _GOLDEN * (hi - lo)
+            fc = objective(math.exp(c))
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + _GOLDEN * (hi - lo)
+            fd = objective(math.exp(d))
+
+
 def sure_over_grid(y: torch.Tensor, b: torch.Tensor, epsilon: float, sigma: float, m: int, grid: Sequence[float],
-                   measure: Callable[[float], tuple[torch.Tensor, torch.Tensor]]) -> SureCurve:
-    """The λ-step: Monte-Carlo SURE of ``f_λ`` at every grid point, and its minimiser.
+                   measure: Callable[[float], tuple[torch.Tensor, torch.Tensor]], refine: bool = False,
+                   tol: float = 0.1) -> SureCurve:
+    """The λ-step: Monte-Carlo SURE of ``f_λ`` at every grid point, its minimiser, and optionally a
+    continuous refinement of it.
 
     Maths: ``SURE(λ) = ‖y − f_λ(y)‖² − mσ² + σ² Re⟨b, f_λ(y + εb) − f_λ(y)⟩/ε`` (:func:`sure`,
-    :func:`probe_divergence`); ties go to the first grid point.
+    :func:`probe_divergence`); ties go to the first grid point. ``refine``: when the grid's minimum lies
+    inside the grid, golden-section search on ``log λ`` between its two neighbours until the bracket is
+    narrower than ``tol`` (natural-log units); the result is the smallest SURE evaluated.
     Shape: ``y``, ``b`` k-space ``(B, C, H, W)``; ``measure(λ)`` returns ``(f_λ(y), f_λ(y + εb))``,
-    each of that shape.
+    each of that shape; ``measure`` is called once per entry of the returned curve, in its order.
     """
-    curve = []
-    for lam in grid:
+    curve: list[tuple[float, float]] = []
+
+    def value(lam: float) -> float:
         f_y, f_probed = measure(float(lam))
         curve.append((float(lam), sure(y, f_y, probe_divergence(b, f_y, f_probed, epsilon), sigma, m)))
+        return curve[-1][1]
+
+    for lam in grid:
+        value(lam)
     best = min(range(len(curve)), key=lambda j: curve[j][1])
+    order = sorted(range(len(grid)), key=lambda j: grid[j])
+    rank = order.index(best)
+    if refine and 0 < rank < len(grid) - 1:
+        _golden_log(value, math.log(grid[order[rank - 1]]), math.log(grid[order[rank + 1]]), tol)
+        best = min(range(len(curve)), key=lambda j: curve[j][1])
     return SureCurve(curve[best][0], best, curve)
 
 
@@ -214,30 +250,15 @@ def search_lambda(objective: Callable[[float], float], lam_min: float = 1e-4, la
         raise InputError(f"need 0 < lam_min < lam_max and grid >= 3, got {lam_min}, {lam_max}, {grid}")
     history: list[tuple[float, float]] = []
 
-    def f(log_lam: float) -> float:
-        lam = math.exp(log_lam)
+    def f(lam: float) -> float:
         value = float(objective(lam))
         history.append((lam, value))
         return value
 
     lo, hi = math.log(lam_min), math.log(lam_max)
     points = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
-    values = [f(p) for p in points]
+    values = [f(math.exp(p)) for p in points]
     i = min(range(grid), key=values.__getitem__)
-    a, b = points[max(i - 1, 0)], points[min(i + 1, grid - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(max_iter):
-        if b - a < tol:
-            break
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = f(d)
+    _golden_log(f, points[max(i - 1, 0)], points[min(i + 1, grid - 1)], tol, max_iter)
     lam, value = min(history, key=lambda t: t[1])
     return LambdaSearch(lam=lam, value=value, history=history)

@@ -2,6 +2,8 @@
 
     python scripts/evaluate.py --sites source_brain,unseen_center --max-slices 8 \
         --methods all --record docs/results/quality_runs/NAME.md [--prior NAME|PATH] [num_steps=30 ...]
+        [site.acquisition.acceleration=8 site.data.split=val ...]
+    python scripts/evaluate.py --lambda-check --sites stanford_knee --prior stanford_knee ...
 
 Methods: the method table (:mod:`recon.methods`, the same names as ``adapt.py`` and
 ``reconstruct.py``) — the classical baselines (``zero_filled``, ``sense``; ``l1wavelet`` and ``tv``
@@ -11,15 +13,23 @@ prior methods through :class:`recon.biasrecon.BiasRecon` on all the slices of a 
 calibration), ``biasrecon``, ``biasrecon_nosure`` and ``finetune`` (every weight, same loss and
 steps). The prior methods start from the library's settings (:class:`~recon.biasrecon.BiasReconSettings`
 defaults); bare ``key=value`` items override its fields. ``--prior`` is a bundled prior (``--help``
-lists them) or a checkpoint file. Sensitivity maps are ESPIRiT from each slice's centre
+lists them) or a checkpoint file; ``site.KEY=VALUE`` items override the site (another acceleration,
+the val split). Sensitivity maps are ESPIRiT from each slice's centre
 (:func:`recon.coils.sensitivity_maps`), shared by every method. Metrics are per slice (fastMRI's
-definitions, ``maxval`` = the volume's stored max), then mean ± std.
+definitions), then mean ± std, against fastMRI's target (RSS of the noisy fully sampled data;
+``maxval`` = the volume's stored max) and, where the files store it, against the clean reference
+(the image before simulated noise, ``reconstruction_clean``; ``maxval`` = its max). The oracle λ of
+``l1wavelet`` / ``tv`` is chosen against the clean reference when there is one.
+
+``--lambda-check``: the prior's default λ rule against the unadapted prior at every fixed λ of a grid,
+with each rule's distance to the best fixed λ.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import platform
 import sys
 import time
@@ -37,58 +47,88 @@ from recon.data.transforms import center_crop
 from recon.errors import InputError
 from recon.jobs import run_main
 from recon.methods import CLASSICAL_METHODS, METHODS, TUNABLE_METHODS, parse_methods, prior_settings
-from recon.methods import run_baseline, tune_lambda
+from recon.methods import SCORED_AGAINST, run_baseline, tune_lambda
+from recon.data import Sample
 from recon.metrics import psnr, ssim
 from recon.operators import Sense
 from scores.checkpoints import CheckpointError
 from scores.priors import DEFAULT_PRIOR, bundled_priors, load_prior, resolve_prior
 from scores.samplers import TweedieSampler
 
-__all__ = ["evaluate_site", "sure_check", "markdown", "sure_markdown", "main"]
+__all__ = ["evaluate_site", "lambda_check", "markdown", "lambda_markdown", "main"]
 
-GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+"""Oracle grid of the classical methods' λ (the best λ measured on the real-image sites lies inside it)."""
 SAMPLER = TweedieSampler()
 
 
-def _slice_metrics(target: torch.Tensor, image: torch.Tensor, maxval: float) -> tuple[float, float]:
-    pred = center_crop(image.abs(), target.shape[-2:]).numpy()[None].astype(np.float32)
-    gt = target.numpy()[None].astype(np.float32)
-    return psnr(gt, pred, maxval), ssim(gt, pred, maxval)
+def _slice_scores(sample: Sample, image: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """``{against: (PSNR, SSIM)}`` of one slice against its target and, where stored, its clean reference
+    (fastMRI's definitions; ``maxval`` the file's volume max for the target, the reference's max for it)."""
+    out = {}
+    for against in SCORED_AGAINST:
+        truth = getattr(sample, against)
+        if truth is None:
+            continue
+        maxval = (float(sample.max_value) if sample.max_value else float(truth.max())) if against == "target" \
+            else float(truth.max())
+        pred = center_crop(image.abs(), truth.shape[-2:]).numpy()[None].astype(np.float32)
+        gt = truth.numpy()[None].astype(np.float32)
+        out[against] = (psnr(gt, pred, maxval), ssim(gt, pred, maxval))
+    return out
 
 
-def _batch(samples: list) -> tuple[Sense, torch.Tensor]:
-    """The operator (ESPIRiT maps) and k-space of all the slices at once."""
-    op = Sense(torch.stack([sensitivity_maps(s) for s in samples]), torch.stack([s.mask for s in samples])[:, None])
-    return op, torch.stack([s.kspace for s in samples])
+def _scored(samples: list[Sample], images: list[torch.Tensor]) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{against: {"psnr": (mean, std), "ssim": (mean, std)}}`` over the slices."""
+    per_slice = [_slice_scores(s, im) for s, im in zip(samples, images)]
+    out = {}
+    for against in per_slice[0]:
+        p = np.array([d[against][0] for d in per_slice])
+        q = np.array([d[against][1] for d in per_slice])
+        out[against] = {"psnr": (float(p.mean()), float(p.std())), "ssim": (float(q.mean()), float(q.std()))}
+    return out
+
+
+def _open(site_name: str, site_overrides: list[str], max_slices: int, workdir: Path) -> list[Sample]:
+    dataset = site_dataset(load_site(site_name, site_overrides), workdir=workdir, seed=0)
+    return [dataset[i] for i in range(min(max_slices, len(dataset)))]
+
+
+def _label(site_name: str, site_overrides: list[str]) -> str:
+    return site_name + "".join(f" {o}" for o in site_overrides)
 
 
 def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_path: Path, workdir: Path,
-                  settings: BiasReconSettings) -> list[dict]:
-    """One row per method: per-slice PSNR / SSIM (mean, std) and seconds per slice on the site's first slices."""
-    dataset = site_dataset(load_site(site_name), workdir=workdir, seed=0)
-    samples = [dataset[i] for i in range(min(max_slices, len(dataset)))]
+                  settings: BiasReconSettings, site_overrides: list[str] = ()) -> list[dict]:
+    """One row per method: per-slice PSNR / SSIM (mean, std) against the target and the clean reference,
+    and seconds per slice, on the site's first slices. The classical methods' λ is the oracle one, chosen
+    on these slices against the clean reference where the files store it (else against the target)."""
+    samples = _open(site_name, list(site_overrides), max_slices, workdir)
     maps = [sensitivity_maps(s) for s in samples]
-    targets = [s.target for s in samples]
-    # Sample.max_value is already on the normalised scale (the file's max / scale)
-    maxvals = [float(s.max_value) if s.max_value else float(s.target.max()) for s in samples]
+    against = "reference" if all(s.reference is not None for s in samples) else "target"
+    site_label = _label(site_name, list(site_overrides))
     rows = []
 
     def record(method: str, images: list[torch.Tensor], seconds: float, params: str) -> None:
-        scores_ = [_slice_metrics(t, im, mv) for t, im, mv in zip(targets, images, maxvals)]
-        p, q = np.array([a for a, _ in scores_]), np.array([b for _, b in scores_])
-        rows.append(dict(site=site_name, method=method, psnr=(p.mean(), p.std()), ssim=(q.mean(), q.std()),
-                         seconds=seconds / len(samples), params=params, n=len(samples)))
-        print(f"{site_name:16s} {method:18s} PSNR {p.mean():6.2f} ± {p.std():4.2f}  SSIM {q.mean():.3f} ± "
-              f"{q.std():.3f}  {seconds / len(samples):6.2f} s/slice  {params}", flush=True)
+        scores = _scored(samples, images)
+        rows.append(dict(site=site_label, method=method, scores=scores, seconds=seconds / len(samples),
+                         params=params, n=len(samples)))
+        text = "  ".join(f"{k}: PSNR {v['psnr'][0]:6.2f} ± {v['psnr'][1]:4.2f} SSIM {v['ssim'][0]:.3f}"
+                         for k, v in scores.items())
+        print(f"{site_label:16s} {method:18s} {text}  {seconds / len(samples):6.2f} s/slice  {params}", flush=True)
 
     for method in [m for m in methods if m in CLASSICAL_METHODS]:
-        params, label = {}, ""
-        if method in TUNABLE_METHODS:
-            best, _ = tune_lambda(method, samples, maps, grid=GRID)
-            params, label = {"lam": best}, f"λ={best:g} (best of {len(GRID)} on these slices)"
         start = time.perf_counter()
-        images = [run_baseline(method, s, m, **params).image for s, m in zip(samples, maps)]
-        record(method, images, time.perf_counter() - start, label)
+        if method in TUNABLE_METHODS:
+            best, table = tune_lambda(method, samples, maps, grid=GRID, against=against)
+            edge = " — at the grid's edge" if best in (GRID[0], GRID[-1]) else ""
+            images = list(next(t for t in table if t.lam == best).images)
+            label = f"oracle λ={best:g} (best of {len(GRID)} on these slices vs the {against}{edge})"
+            seconds = (time.perf_counter() - start) / len(GRID)
+        else:
+            images = [run_baseline(method, s, m).image for s, m in zip(samples, maps)]
+            label, seconds = "", time.perf_counter() - start
+        record(method, images, seconds, label)
 
     prior_methods = [m for m in methods if METHODS[m].kind == "prior"]
     if not prior_methods:
@@ -99,59 +139,68 @@ def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_pat
     for method in prior_methods:
         st = prior_settings(settings, method)
         result = BiasRecon(prior, op, y, st, sampler=SAMPLER).run(progress=True)
-        label = f"λ={result.lam:g}" + (" (SURE)" if st.sure else "") + f", {st.num_steps} levels"
+        label = (f"λ={result.lam:.3g}" + (" (SURE)" if st.sure else "") + f", chain λ={result.chain_lam:.3g}"
+                 + (" (noise rule)" if st.lam_rule == "noise" else "") + f", {st.num_steps} levels")
         if st.adapt != "none":
             label += f", held-out {result.val_loss_zero:.4f}→{result.val_loss_best:.4f}"
         record(method, list(result.image[:, 0]), result.seconds, label)
     return rows
 
 
-def sure_check(site_name: str, max_slices: int, prior_path: Path, workdir: Path, settings: BiasReconSettings,
-               grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)) -> list[dict]:
-    """SURE's λ against a fixed-λ grid, scored against the stored (noisy) targets and the noiseless truth.
-
-    The noiseless truth is the same simulation (same subjects, deformations, coils, masks) with
-    ``noise.sigma = 1e-7``; only the noise differs, so its RSS target is the clean image.
-    """
-    noisy = site_dataset(load_site(site_name), workdir=workdir / "noisy", seed=0)
-    clean = site_dataset(load_site(site_name, ["noise.sigma=1e-7"]), workdir=workdir / "noiseless", seed=0)
-    count = min(max_slices, len(noisy))
-    samples, truths = [noisy[i] for i in range(count)], [clean[i] for i in range(count)]
-    op, y = _batch(samples)
+def lambda_check(site_name: str, max_slices: int, prior_path: Path, workdir: Path, settings: BiasReconSettings,
+                 site_overrides: list[str] = (), grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)) -> list[dict]:
+    """The default λ rule (``unadapted_sure`` with ``settings``) against the unadapted prior at each fixed λ of
+    ``grid`` (chain and final data consistency), scored against the target and the clean reference."""
+    samples = _open(site_name, list(site_overrides), max_slices, workdir)
+    op = Sense(torch.stack([sensitivity_maps(s) for s in samples]), torch.stack([s.mask for s in samples])[:, None])
+    y = torch.stack([s.kspace for s in samples])
     prior = load_prior(prior_path).model
-    rows = []
+    site_label = _label(site_name, list(site_overrides))
     runs = [(f"fixed λ={lam:g}", prior_settings(settings, "unadapted", {"lam": lam})) for lam in grid]
-    runs.append(("SURE", prior_settings(settings, "unadapted_sure", {"lam_grid": grid})))
+    runs.append(("default rule", prior_settings(settings, "unadapted_sure")))
+    rows = []
     for label, st in runs:
         result = BiasRecon(prior, op, y, st, sampler=SAMPLER).run()
-        row = dict(site=site_name, method=label, lam=result.lam)
-        for key, targets in (("noisy", [s.target for s in samples]),
-                             ("noiseless", [t.target * t.scale / s.scale for t, s in zip(truths, samples)])):
-            pairs = [_slice_metrics(t, im, float(t.max())) for t, im in zip(targets, result.image[:, 0])]
-            row[key] = (float(np.mean([a for a, _ in pairs])), float(np.mean([b for _, b in pairs])))
-        rows.append(row)
-        print(f"{site_name:16s} {label:14s} λ={result.lam:<6g} noisy target {row['noisy'][0]:.2f} / {row['noisy'][1]:.3f}"
-              f"   noiseless truth {row['noiseless'][0]:.2f} / {row['noiseless'][1]:.3f}", flush=True)
+        scores = _scored(samples, list(result.image[:, 0]))
+        rows.append(dict(site=site_label, method=label, lam=result.lam, chain_lam=result.chain_lam, scores=scores))
+        text = "  ".join(f"{k} {v['psnr'][0]:.2f} / {v['ssim'][0]:.3f}" for k, v in scores.items())
+        print(f"{site_label:16s} {label:14s} λ={result.lam:<8.3g} {text}", flush=True)
     return rows
 
 
-def sure_markdown(rows: list[dict], command: str) -> str:
-    """The SURE check as a markdown table."""
+def _cell(scores: dict, against: str, spread: bool = True) -> str:
+    if against not in scores:
+        return "—"
+    p, q = scores[against]["psnr"], scores[against]["ssim"]
+    return f"{p[0]:.2f} ± {p[1]:.2f} / {q[0]:.3f} ± {q[1]:.3f}" if spread else f"{p[0]:.2f} / {q[0]:.3f}"
+
+
+def lambda_markdown(rows: list[dict], command: str) -> str:
+    """The λ check as a markdown table, with each rule's distance to the best fixed λ (vs the reference)."""
     head = (f"Command: `{command}`; {_dt.date.today().isoformat()}.\n\n"
-            "| site | λ rule | λ | PSNR / SSIM vs stored (noisy RSS) target | PSNR / SSIM vs noiseless truth |\n"
-            "|---|---|---:|---|---|\n")
-    return head + "".join(f"| {r['site']} | {r['method']} | {r['lam']:g} | {r['noisy'][0]:.2f} / {r['noisy'][1]:.3f} | "
-                          f"{r['noiseless'][0]:.2f} / {r['noiseless'][1]:.3f} |\n" for r in rows)
+            "| site | λ rule | chain λ | final λ | PSNR / SSIM vs clean reference | PSNR / SSIM vs target | − best fixed (dB, vs reference) |\n"
+            "|---|---|---:|---:|---|---|---:|\n")
+    best = {}
+    for r in rows:
+        if r["method"].startswith("fixed") and "reference" in r["scores"]:
+            best[r["site"]] = max(best.get(r["site"], -math.inf), r["scores"]["reference"]["psnr"][0])
+    body = ""
+    for r in rows:
+        gap = (f"{r['scores']['reference']['psnr'][0] - best[r['site']]:+.2f}" if r["site"] in best else "—")
+        body += (f"| {r['site']} | {r['method']} | {r['chain_lam']:.3g} | {r['lam']:.3g} | {_cell(r['scores'], 'reference', False)} | "
+                 f"{_cell(r['scores'], 'target', False)} | {gap} |\n")
+    return head + body
 
 
 def markdown(rows: list[dict], command: str) -> str:
     """The quality table as markdown."""
     head = (f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
             f"{_dt.date.today().isoformat()}.\nCommand: `{command}`\n\n"
-            "| site | method | PSNR (dB) | SSIM | s/slice | tuned / chosen |\n|---|---|---|---|---:|---|\n")
+            "| site | method | PSNR / SSIM vs clean reference | PSNR / SSIM vs target | s/slice | tuned / chosen |\n"
+            "|---|---|---|---|---:|---|\n")
     body = "".join(
-        f"| {r['site']} | {r['method']} | {r['psnr'][0]:.2f} ± {r['psnr'][1]:.2f} | {r['ssim'][0]:.3f} ± "
-        f"{r['ssim'][1]:.3f} | {r['seconds']:.2f} | {r['params']} |\n" for r in rows)
+        f"| {r['site']} | {r['method']} | {_cell(r['scores'], 'reference')} | {_cell(r['scores'], 'target')} | "
+        f"{r['seconds']:.2f} | {r['params']} |\n" for r in rows)
     return head + body
 
 
@@ -164,21 +213,25 @@ def _run(argv: list[str] | None) -> int:
                         help=f"a bundled prior ({', '.join(bundled_priors())}) or a checkpoint file")
     parser.add_argument("--workdir", type=Path, default=Path("out/evaluate_data"))
     parser.add_argument("--record", type=Path, default=None, help="write the markdown table here")
-    parser.add_argument("--sure-check", action="store_true",
-                        help="SURE's λ vs a 5-point fixed-λ grid, against noisy targets and the noiseless truth")
-    parser.add_argument("overrides", nargs="*", help="BiasReconSettings overrides, e.g. num_steps=30")
+    parser.add_argument("--lambda-check", action="store_true",
+                        help="the default λ rule vs the unadapted prior at fixed λ, against the target and the "
+                             "clean reference")
+    parser.add_argument("overrides", nargs="*",
+                        help="BiasReconSettings overrides (num_steps=30) and site overrides with the prefix site. "
+                             "(site.acquisition.acceleration=8, site.data.split=val)")
     args = parser.parse_args(argv)
     methods = parse_methods("all+prior" if args.methods == "all" else args.methods, "command line: key '--methods'")
-    settings = settings_from_dotlist(args.overrides)
+    site_overrides = [o[len("site."):] for o in args.overrides if o.startswith("site.")]
+    settings = settings_from_dotlist([o for o in args.overrides if not o.startswith("site.")])
     prior = resolve_prior(args.prior)
     rows = []
     for site in args.sites.split(","):
-        if args.sure_check:
-            rows += sure_check(site, args.max_slices, prior, args.workdir, settings)
+        if args.lambda_check:
+            rows += lambda_check(site, args.max_slices, prior, args.workdir, settings, site_overrides)
         else:
-            rows += evaluate_site(site, methods, args.max_slices, prior, args.workdir, settings)
+            rows += evaluate_site(site, methods, args.max_slices, prior, args.workdir, settings, site_overrides)
     command = "python scripts/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = sure_markdown(rows, command) if args.sure_check else markdown(rows, command)
+    table = lambda_markdown(rows, command) if args.lambda_check else markdown(rows, command)
     print(table)
     if args.record is not None:
         write_text(args.record, table)

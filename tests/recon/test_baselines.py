@@ -230,6 +230,13 @@ def test_tune_lambda_picks_the_grid_point_with_the_best_mean_psnr(noisy_dir):
     np.testing.assert_allclose([row.mean_psnr for row in table], recomputed, rtol=1e-9)
     assert best == grid[int(np.argmax(recomputed))]
     assert best == 1e-3  # neither extreme of the grid wins
+    # against the clean reference (stored by the simulator): fastMRI's PSNR with the reference's max
+    _, by_reference = tune_lambda("l1wavelet", samples, maps, grid, against="reference", max_iter=100)
+    for row in by_reference:
+        expected = [float(fm_eval.psnr(s.reference.numpy(), x.abs().numpy(), maxval=float(s.reference.max())))
+                    for s, x in zip(samples, row.images)]
+        np.testing.assert_allclose(row.psnrs, expected, rtol=1e-9)
+    assert [len(row.images) for row in by_reference] == [2, 2, 2]
 
 
 def test_tune_lambda_rejects_bad_requests(slice4x):

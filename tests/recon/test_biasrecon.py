@@ -14,6 +14,7 @@ from recon.dc import prox
 from recon.errors import InputError
 from recon.metrics import psnr
 from recon.operators import Sense
+from recon.sure import estimate_sigma
 from scores.samplers import TweedieSampler  # the one sampler loop (recon sees it through a Protocol)
 
 H = W = 48
@@ -209,3 +210,21 @@ def test_acs_auto_holds_out_only_entries_outside_the_scans_fully_sampled_centre(
     br = _optimizer(BlurDenoiser(width=0.5), narrow, narrow.A(narrow.A_adjoint(y)), st)
     assert float(br.calib_lambda.sum()) > 0
     br.calibration.detach()
+
+
+def test_noise_rule_sets_the_chain_lambda_from_the_noise_level():
+    """lam_rule="noise": the chain runs at λ = σ² / prior_error² — the same image as the fixed rule at that λ —
+    and σ comes from the k-space when not given."""
+    op, y, _, sigma = _problem(sigma=0.05)
+    rule = BiasReconSettings(**{**SETTINGS, "sure": False}, adapt="none", lam_rule="noise", prior_error=0.1,
+                             noise_sigma=sigma)
+    result = _optimizer(BlurDenoiser(), op, y, rule).run()
+    assert result.chain_lam == pytest.approx(sigma**2 / 0.1**2) and result.lam == result.chain_lam
+    fixed = BiasReconSettings(**{**SETTINGS, "sure": False, "lam": sigma**2 / 0.1**2}, adapt="none")
+    torch.testing.assert_close(result.image, _optimizer(BlurDenoiser(), op, y, fixed).run().image, rtol=0, atol=0)
+    estimated = BiasReconSettings(**{**SETTINGS, "sure": False}, adapt="none", lam_rule="noise", prior_error=0.1)
+    found = _optimizer(BlurDenoiser(), op, y, estimated).run()
+    assert found.noise_sigma == estimate_sigma(y, op.mask)  # from the k-space periphery
+    assert found.chain_lam == pytest.approx(found.noise_sigma**2 / 0.1**2)
+    with pytest.raises(InputError, match="lam_rule"):
+        BiasReconSettings(lam_rule="sure")

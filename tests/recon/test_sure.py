@@ -181,3 +181,26 @@ def test_sure_over_grid_is_the_closed_form_sure_up_to_the_probe_and_picks_its_mi
     mean = np.mean(curves, axis=0)
     for lam, mc, exact in zip(grid, mean, closed):
         assert abs(mc - exact) < 4 * sigma**2 * math.sqrt(4 * m) / (1 + lam) / math.sqrt(len(curves)), (lam, mc, exact)
+
+
+def test_sure_refinement_finds_the_continuous_minimum_between_grid_points():
+    """With ``refine``, the λ-step continues between the grid neighbours of its minimum: on the single-coil
+    prox its λ lands on the minimiser of the closed-form SURE (to the probe's noise), which a coarse grid misses."""
+    op, y, x_hat, _, mask, sigma = _single_coil_problem(20, 0.3)
+    m, eps = sampled_count(mask, tuple(y.shape)), 0.1 * sigma
+    exact = search_lambda(lambda lam: sure_prox_closed_form(op, y, x_hat, lam, sigma), 1e-3, 1e2, grid=11, tol=1e-4)
+    grid = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+    b = probe(mask, tuple(y.shape), _gen(5), torch.float64)
+    calls = []
+
+    def measure(lam):
+        calls.append(lam)
+        return op.A(prox(op, y, x_hat, lam)), op.A(prox(op, y + eps * b, x_hat, lam))
+
+    coarse = sure_over_grid(y, b, eps, sigma, m, grid, measure)
+    fine = sure_over_grid(y, b, eps, sigma, m, grid, measure, refine=True, tol=0.01)
+    assert [lam for lam, _ in fine.curve[: len(grid)]] == list(grid) and len(fine.curve) > len(grid)
+    assert calls[len(grid):] == [lam for lam, _ in fine.curve]  # one measure per curve entry, in order
+    assert fine.curve[fine.index][0] == fine.lam and fine.curve[fine.index][1] == min(v for _, v in fine.curve)
+    assert abs(math.log(fine.lam / exact.lam)) < abs(math.log(coarse.lam / exact.lam))
+    assert abs(math.log(fine.lam / exact.lam)) < 0.2, (fine.lam, exact.lam)
