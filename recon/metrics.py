@@ -55,15 +55,21 @@ def _pair(target: Any, pred: Any, caller: str) -> tuple[np.ndarray, np.ndarray]:
     return gt, rec
 
 
+def _fourth_root_limit(dtype: Any) -> float:
+    """Largest magnitude whose fourth power (times SSIM's window sums) a float type holds."""
+    return float(np.finfo(dtype).max) ** 0.25 / 4
+
+
 def _check_range(x: np.ndarray, name: str, caller: str) -> None:
-    """SSIM multiplies squared means in the inputs' own float type (fourth powers): refuse values for
-    which they overflow (a NaN SSIM). float32: magnitudes up to about 3e8."""
-    limit = float(np.finfo(x.dtype).max) ** 0.25 / 4
+    """SSIM multiplies squared means (fourth powers), computed here in float64: refuse values for which
+    they overflow even there (a NaN SSIM), magnitudes above about 3e76. Raw scanner scales (~1e13,
+    whose fourth powers overflow float32) are fine."""
+    limit = _fourth_root_limit(np.float64)
     largest = float(np.max(np.abs(x)))
     if not largest < limit:  # also catches NaN
         raise InputError(
             f"{caller}: {name} holds a magnitude of {largest:.3g}, expected finite values below {limit:.3g} "
-            f"({x.dtype}: SSIM takes their fourth powers)."
+            f"(SSIM takes their fourth powers, in float64)."
         )
 
 
@@ -136,7 +142,7 @@ def ssim(target: Any, pred: Any, maxval: float | None = None) -> float:
 
     Raises:
         InputError: a target too small for the window, an all-zero target, or target values so large
-            that their fourth powers overflow the target's float type (SSIM would be NaN).
+            that their fourth powers overflow float64 (SSIM would be NaN).
     """
     gt, rec = _pair(target, pred, "ssim")
     if min(gt.shape[-2:]) < _SSIM_WINDOW:
@@ -144,6 +150,10 @@ def ssim(target: Any, pred: Any, maxval: float | None = None) -> float:
             f"ssim: target of shape {gt.shape} is too small, expected H and W of at least {_SSIM_WINDOW}."
         )
     value = _maxval(gt, maxval, "ssim")
+    if not float(np.max(np.abs(gt))) < _fourth_root_limit(gt.dtype):
+        # raw scanner scales (~1e13): fourth powers overflow float32, not float64 (fastMRI's exact
+        # numbers in the input's own type otherwise)
+        gt, rec = gt.astype(np.float64), rec.astype(np.float64)
     _check_range(gt, "target", "ssim")
     return float(fastmri_evaluate.ssim(gt, rec, maxval=value)[0])
 

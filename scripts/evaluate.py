@@ -99,7 +99,8 @@ def _label(site_name: str, site_overrides: list[str]) -> str:
 
 
 def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_path: Path, workdir: Path,
-                  settings: BiasReconSettings, site_overrides: list[str] = ()) -> list[dict]:
+                  settings: BiasReconSettings, site_overrides: list[str] = (),
+                  grid: tuple[float, ...] = GRID) -> list[dict]:
     """One row per method: per-slice PSNR / SSIM (mean, std) against the target and the clean reference,
     and seconds per slice, on the site's first slices. The classical methods' λ is the oracle one, chosen
     on these slices against the clean reference where the files store it (else against the target)."""
@@ -120,11 +121,11 @@ def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_pat
     for method in [m for m in methods if m in CLASSICAL_METHODS]:
         start = time.perf_counter()
         if method in TUNABLE_METHODS:
-            best, table = tune_lambda(method, samples, maps, grid=GRID, against=against)
-            edge = " — at the grid's edge" if best in (GRID[0], GRID[-1]) else ""
+            best, table = tune_lambda(method, samples, maps, grid=grid, against=against)
+            edge = " — at the grid's edge" if best in (min(grid), max(grid)) else ""
             images = list(next(t for t in table if t.lam == best).images)
-            label = f"oracle λ={best:g} (best of {len(GRID)} on these slices vs the {against}{edge})"
-            seconds = (time.perf_counter() - start) / len(GRID)
+            label = f"oracle λ={best:g} (best of {len(grid)} on these slices vs the {against}{edge})"
+            seconds = (time.perf_counter() - start) / len(grid)
         else:
             images = [run_baseline(method, s, m).image for s, m in zip(samples, maps)]
             label, seconds = "", time.perf_counter() - start
@@ -204,6 +205,17 @@ def markdown(rows: list[dict], command: str) -> str:
     return head + body
 
 
+def _grid(text: str, flag: str) -> tuple[float, ...]:
+    """A comma list of positive finite numbers, or one error naming the flag."""
+    try:
+        grid = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        grid = ()
+    if not grid or not all(math.isfinite(g) and g > 0 for g in grid):
+        raise InputError(f"command line: key '{flag}' is {text!r}, expected a comma list of positive numbers.")
+    return grid
+
+
 def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", default="source_brain,unseen_center")
@@ -216,6 +228,10 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--lambda-check", action="store_true",
                         help="the default λ rule vs the unadapted prior at fixed λ, against the target and the "
                              "clean reference")
+    parser.add_argument("--oracle-grid", default=",".join(f"{g:g}" for g in GRID),
+                        help="comma list of the λ tried for the oracle l1wavelet / tv (default %(default)s)")
+    parser.add_argument("--lambda-grid", default="0.01,0.03,0.1,0.3,1",
+                        help="comma list of the fixed λ of --lambda-check (default %(default)s)")
     parser.add_argument("overrides", nargs="*",
                         help="BiasReconSettings overrides (num_steps=30) and site overrides with the prefix site. "
                              "(site.acquisition.acceleration=8, site.data.split=val)")
@@ -224,12 +240,15 @@ def _run(argv: list[str] | None) -> int:
     site_overrides = [o[len("site."):] for o in args.overrides if o.startswith("site.")]
     settings = settings_from_dotlist([o for o in args.overrides if not o.startswith("site.")])
     prior = resolve_prior(args.prior)
+    oracle_grid = _grid(args.oracle_grid, "--oracle-grid")
+    lambda_grid = _grid(args.lambda_grid, "--lambda-grid")
     rows = []
     for site in args.sites.split(","):
         if args.lambda_check:
-            rows += lambda_check(site, args.max_slices, prior, args.workdir, settings, site_overrides)
+            rows += lambda_check(site, args.max_slices, prior, args.workdir, settings, site_overrides, lambda_grid)
         else:
-            rows += evaluate_site(site, methods, args.max_slices, prior, args.workdir, settings, site_overrides)
+            rows += evaluate_site(site, methods, args.max_slices, prior, args.workdir, settings, site_overrides,
+                                  oracle_grid)
     command = "python scripts/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = lambda_markdown(rows, command) if args.lambda_check else markdown(rows, command)
     print(table)

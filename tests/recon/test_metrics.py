@@ -95,7 +95,8 @@ def test_errors():
 
 
 def test_ssim_refuses_a_finite_target_whose_squares_overflow():
-    """A finite but enormous float32 target would give a NaN SSIM: one clear error instead."""
+    """Raw scanner scales (1e13, whose fourth powers overflow float32) give the SSIM of the rescaled images;
+    a finite target so large that float64 overflows too would give a NaN SSIM: one clear error instead."""
     import numpy as np
     import pytest
 
@@ -104,9 +105,13 @@ def test_ssim_refuses_a_finite_target_whose_squares_overflow():
 
     rng = np.random.default_rng(0)
     target = rng.random((1, 16, 16)).astype(np.float32)
-    assert ssim(target * 1e8, target * 1e8) == pytest.approx(1.0)  # large but safe
-    for scale in (1e10, 1e20, 3e38):  # finite float32 values; fastMRI's SSIM is NaN for them
-        with pytest.raises(InputError, match="target holds a magnitude"):
-            ssim(target * scale, target * scale)
+    pred = target + 0.05 * rng.random((1, 16, 16)).astype(np.float32)
+    base = ssim(target, pred)
+    assert base < 0.999
+    for scale in (1e8, 1e13, 1e20, 3e37):  # fastMRI's float32 SSIM is NaN from about 1e10 on
+        assert ssim(target * scale, pred * scale) == pytest.approx(base, rel=1e-5)  # scale-invariant
+    huge = target.astype(np.float64) * 1e100
+    with pytest.raises(InputError, match="target holds a magnitude"):
+        ssim(huge, huge)
     with pytest.raises(InputError, match="target"):
-        evaluate(target * 1e20, target)
+        evaluate(huge, target.astype(np.float64))
