@@ -49,9 +49,6 @@ def blobs48x40() -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny networks run fastest on one thread; two threads on a loaded 2-core machine stall (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
+    """Every test of scores/ on one thread (tests/conftest.py's ``single_thread``)."""
     yield
-    torch.set_num_threads(before)

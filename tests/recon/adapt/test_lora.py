@@ -13,13 +13,7 @@ from recon.adapt.lora import LoRA, conv_layers
 from recon.errors import InputError
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny convolutions run fastest on one thread (two spin-wait on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny convolutions: one thread (tests/conftest.py)
 
 
 def _net(seed: int = 0) -> nn.Module:
