@@ -92,6 +92,9 @@ class BiasReconSettings:
     Attributes:
         num_steps: noise levels of the sampler; sigma_start / sigma_end: first and last level
             (normalised image scale, 99th percentile ≈ 1); eta: share of fresh noise when renoising.
+        num_samples: posterior samples averaged into the estimate (an approximation of the posterior
+            mean): the final chain (and SURE's) runs ``num_samples`` times, with seeds ``seed``,
+            ``seed + 1``, …, and averages the complex images; 1 is the single sample.
         adapt: "gamma" (BiasRecon), "full" (fine-tune every weight) or "none" (unadapted prior).
         theta_steps: Adam steps per θ-step; adapt_fraction: share of the schedule with θ-steps;
             lr: Adam's learning rate; split_ratio: share of the sampled non-ACS k-space held out;
@@ -118,6 +121,7 @@ class BiasReconSettings:
     """
 
     num_steps: int = 20
+    num_samples: int = 1
     sigma_start: float = 0.5
     sigma_end: float = 0.01
     eta: float = 1.0
@@ -141,6 +145,8 @@ class BiasReconSettings:
     acs_auto: bool = True
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
+            raise InputError(f"biasrecon.num_samples must be an integer >= 1, got {self.num_samples!r}")
         if self.num_steps < 1 or not (self.sigma_start > self.sigma_end > 0):
             raise InputError(
                 f"biasrecon: need num_steps >= 1 and sigma_start > sigma_end > 0, got {self.num_steps}, "
@@ -292,22 +298,30 @@ class BiasRecon:
         """Every x-step (the sampler's loop, the prox as data consistency) from the SENSE start.
 
         Deterministic for a seed; the batch may hold ``copies`` copies of ``n`` scans (SURE probes),
-        which receive the same noise. Shape: ``kspace`` ``(copies·n, C, H, W)``; ``lam`` a float or
-        ``(copies·n,)``; returns the final ``x₀`` and the last denoiser estimate ``x̂`` (before its
-        prox), each ``(copies·n, 1, H, W)``.
+        which receive the same noise. With ``num_samples`` K > 1 the chain runs K times (seeds
+        ``seed + k``) and both outputs are the means over the K runs (the prox is affine in ``x̂``,
+        so the mean ``x₀`` is the prox of the mean ``x̂``). Shape: ``kspace`` ``(copies·n, C, H, W)``;
+        ``lam`` a float or ``(copies·n,)``; returns the final ``x₀`` and the last denoiser estimate
+        ``x̂`` (before its prox), each ``(copies·n, 1, H, W)``.
         """
         lam_t = torch.as_tensor(lam, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
-        last: dict[str, torch.Tensor] = {}
-
-        def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
-            last["x_hat"] = x_hat
-            return prox(op, kspace, x_hat, lam_t, self.s.cg_iters)
-
         x_start = _sense_start(op, kspace, self.s.cg_iters)
-        x0 = self.sampler(self.prior, tuple(x_start.shape), self.sigmas, dc=dc, eta=self.s.eta,
-                          generator=torch.Generator().manual_seed(self.s.seed), x_start=x_start, copies=copies,
-                          progress=progress)
-        return x0, last["x_hat"]
+        x0_sum, x_hat_sum = None, None
+        for k in range(self.s.num_samples):
+            last: dict[str, torch.Tensor] = {}
+
+            def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+                last["x_hat"] = x_hat
+                return prox(op, kspace, x_hat, lam_t, self.s.cg_iters)
+
+            x0 = self.sampler(self.prior, tuple(x_start.shape), self.sigmas, dc=dc, eta=self.s.eta,
+                              generator=torch.Generator().manual_seed(self.s.seed + k), x_start=x_start,
+                              copies=copies, progress=progress)
+            x0_sum = x0 if x0_sum is None else x0_sum + x0
+            x_hat_sum = last["x_hat"] if x_hat_sum is None else x_hat_sum + last["x_hat"]
+        if self.s.num_samples == 1:
+            return x0_sum, x_hat_sum
+        return x0_sum / self.s.num_samples, x_hat_sum / self.s.num_samples
 
     # -- calibration ------------------------------------------------------------------------------
     def _split(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

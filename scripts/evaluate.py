@@ -188,8 +188,8 @@ def lambda_markdown(rows: list[dict], command: str) -> str:
     body = ""
     for r in rows:
         gap = (f"{r['scores']['reference']['psnr'][0] - best[r['site']]:+.2f}" if r["site"] in best else "—")
-        body += (f"| {r['site']} | {r['method']} | {r['chain_lam']:.3g} | {r['lam']:.3g} | {_cell(r['scores'], 'reference', False)} | "
-                 f"{_cell(r['scores'], 'target', False)} | {gap} |\n")
+        body += (f"| {r['site']} | {r['method']} | {r['chain_lam']:.3g} | {r['lam']:.3g} | {_cell(r['scores'], 'reference')} | "
+                 f"{_cell(r['scores'], 'target')} | {gap} |\n")
     return head + body
 
 

@@ -114,6 +114,23 @@ def test_chain_is_deterministic_and_run_uses_it():
     torch.testing.assert_close(_optimizer(BlurDenoiser(), op, y, st).run().image, a, rtol=0, atol=0)
 
 
+def test_num_samples_averages_the_chains_of_consecutive_seeds():
+    """K samples = the mean of the single-sample chains with seeds seed..seed+K-1 (x₀ and x̂ alike),
+    different from every single sample; run() returns it."""
+    op, y, img, _ = _problem()
+    base = {**SETTINGS, "eta": 1.0}
+    singles = [_optimizer(BlurDenoiser(), op, y, BiasReconSettings(**{**base, "seed": 3 + k}, adapt="none"))
+               .x_step_chain(op, y, 0.01) for k in range(3)]
+    st = BiasReconSettings(**base, adapt="none", num_samples=3)
+    x0, x_hat = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, 0.01)
+    torch.testing.assert_close(x0, sum(s[0] for s in singles) / 3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_hat, sum(s[1] for s in singles) / 3, rtol=1e-5, atol=1e-6)
+    assert all(not torch.allclose(x0, s[0]) for s in singles)
+    torch.testing.assert_close(_optimizer(BlurDenoiser(), op, y, st).run().image, x0, rtol=0, atol=0)
+    with pytest.raises(InputError, match="num_samples"):
+        BiasReconSettings(num_samples=0)
+
+
 def test_sure_lambda_step_picks_its_curve_minimum_and_returns_that_prox():
     op, y, _, sigma = _problem(sigma=0.05)
     st = BiasReconSettings(**{**SETTINGS, "sure": True, "lam_grid": (0.001, 0.01, 0.1, 1.0)}, adapt="none",
