@@ -131,12 +131,12 @@ class BiasReconSettings:
     lr: float = 5e-2
     split_ratio: float = 0.4
     acs_fraction: float = 0.08
-    lam: float = 0.01
+    lam: float = 0.1
     lam_rule: str = "fixed"
     prior_error: float = 0.035
     sure: bool = True
-    lam_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
-    sure_refine: bool = False
+    lam_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    sure_refine: bool = True
     noise_sigma: float | None = None
     sure_epsilon: float = 0.1
     cg_iters: int = 10

@@ -133,13 +133,15 @@ def test_num_samples_averages_the_chains_of_consecutive_seeds():
 
 def test_sure_lambda_step_picks_its_curve_minimum_and_returns_that_prox():
     op, y, _, sigma = _problem(sigma=0.05)
-    st = BiasReconSettings(**{**SETTINGS, "sure": True, "lam_grid": (0.001, 0.01, 0.1, 1.0)}, adapt="none",
-                           noise_sigma=sigma)
-    result = _optimizer(BlurDenoiser(), op, y, st).run()
-    lams, values = zip(*result.sure_curve)
-    assert lams == st.lam_grid and result.lam == lams[int(np.argmin(values))]
-    _, x_hat = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, st.lam)
-    torch.testing.assert_close(result.image, prox(op, y, x_hat, result.lam, st.cg_iters), rtol=1e-5, atol=1e-6)
+    for refine in (False, True):  # the grid alone; the grid, then golden-section points between neighbours
+        st = BiasReconSettings(**{**SETTINGS, "sure": True, "lam_grid": (0.001, 0.01, 0.1, 1.0)}, adapt="none",
+                               noise_sigma=sigma, sure_refine=refine)
+        result = _optimizer(BlurDenoiser(), op, y, st).run()
+        lams, values = zip(*result.sure_curve)
+        assert lams[:4] == st.lam_grid and (len(lams) > 4) == refine
+        assert result.lam == lams[int(np.argmin(values))]
+        _, x_hat = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, st.lam)
+        torch.testing.assert_close(result.image, prox(op, y, x_hat, result.lam, st.cg_iters), rtol=1e-5, atol=1e-6)
 
 
 def test_sure_tracks_the_true_measurement_risk_of_the_final_prox():
