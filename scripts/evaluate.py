@@ -141,7 +141,8 @@ def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_pat
         st = prior_settings(settings, method)
         result = BiasRecon(prior, op, y, st, sampler=SAMPLER).run(progress=True)
         label = (f"λ={result.lam:.3g}" + (" (SURE)" if st.sure else "") + f", chain λ={result.chain_lam:.3g}"
-                 + (" (noise rule)" if st.lam_rule == "noise" else "") + f", {st.num_steps} levels")
+                 + (" (noise rule)" if st.lam_rule == "noise" else "") + f", {st.num_steps} levels"
+                 + (f", mean of {st.num_samples} samples" if st.num_samples > 1 else ""))
         if st.adapt != "none":
             label += f", held-out {result.val_loss_zero:.4f}→{result.val_loss_best:.4f}"
         record(method, list(result.image[:, 0]), result.seconds, label)
