@@ -104,8 +104,9 @@ class BiasReconSettings:
             measurement of noise σ against a prior estimate of error ``prior_error`` per complex pixel,
             ``λ = σ̂² / prior_error²`` (σ̂ = ``noise_sigma`` or estimated from the k-space), so a noisier scan
             trusts the prior more; prior_error: that error on the normalised scale.
-        sure: choose the final λ by SURE over ``lam_grid`` (``sure_refine``: then by golden-section search of
-            log λ between the grid neighbours of its minimum); noise_sigma: measurement σ (``E|n|² = σ²``),
+        sure: choose the final λ by SURE over ``lam_grid`` (``sure_refine``: a minimum at the grid's edge is
+            followed outward, up to 4 points at the edge's spacing, then golden-section search of log λ between
+            the neighbours of the minimum); noise_sigma: measurement σ (``E|n|² = σ²``),
             None estimates it from the k-space; sure_epsilon: probe step relative to σ.
         cg_iters: CG iterations of the prox; seed: seeds every random draw.
         calib_iterate: data consistency of the calibration's own iterate (the one the θ-steps denoise).

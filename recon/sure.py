@@ -166,14 +166,15 @@ def _golden_log(objective: Callable[[float], float], lo: float, hi: float, tol: 
 
 def sure_over_grid(y: torch.Tensor, b: torch.Tensor, epsilon: float, sigma: float, m: int, grid: Sequence[float],
                    measure: Callable[[float], tuple[torch.Tensor, torch.Tensor]], refine: bool = False,
-                   tol: float = 0.1) -> SureCurve:
+                   tol: float = 0.1, max_extend: int = 4) -> SureCurve:
     """The λ-step: Monte-Carlo SURE of ``f_λ`` at every grid point, its minimiser, and optionally a
     continuous refinement of it.
 
     Maths: ``SURE(λ) = ‖y − f_λ(y)‖² − mσ² + σ² Re⟨b, f_λ(y + εb) − f_λ(y)⟩/ε`` (:func:`sure`,
-    :func:`probe_divergence`); ties go to the first grid point. ``refine``: when the grid's minimum lies
-    inside the grid, golden-section search on ``log λ`` between its two neighbours until the bracket is
-    narrower than ``tol`` (natural-log units); the result is the smallest SURE evaluated.
+    :func:`probe_divergence`); ties go to the first grid point. ``refine``: while the minimum lies at
+    an edge of the evaluated λ, one more point beyond it at the edge's own ratio (at most ``max_extend``);
+    then, when the minimum is interior, golden-section search on ``log λ`` between its two neighbours
+    until the bracket is narrower than ``tol`` (natural-log units); the result is the smallest SURE evaluated.
     Shape: ``y``, ``b`` k-space ``(B, C, H, W)``; ``measure(λ)`` returns ``(f_λ(y), f_λ(y + εb))``,
     each of that shape; ``measure`` is called once per entry of the returned curve, in its order.
     """
@@ -186,13 +187,26 @@ def sure_over_grid(y: torch.Tensor, b: torch.Tensor, epsilon: float, sigma: floa
 
     for lam in grid:
         value(lam)
-    best = min(range(len(curve)), key=lambda j: curve[j][1])
-    order = sorted(range(len(grid)), key=lambda j: grid[j])
-    rank = order.index(best)
-    if refine and 0 < rank < len(grid) - 1:
-        _golden_log(value, math.log(grid[order[rank - 1]]), math.log(grid[order[rank + 1]]), tol)
-        best = min(range(len(curve)), key=lambda j: curve[j][1])
-    return SureCurve(curve[best][0], best, curve)
+
+    def best() -> int:
+        return min(range(len(curve)), key=lambda j: curve[j][1])
+
+    if refine and len(set(grid)) > 1:
+        for _ in range(max_extend):  # a minimum at an edge: step outward at the edge's own spacing
+            lams = sorted({lam for lam, _ in curve})
+            at = curve[best()][0]
+            if at == lams[-1]:
+                value(at * lams[-1] / lams[-2])
+            elif at == lams[0]:
+                value(at * lams[0] / lams[1])
+            else:
+                break
+        lams = sorted({lam for lam, _ in curve})
+        rank = lams.index(curve[best()][0])
+        if 0 < rank < len(lams) - 1:
+            _golden_log(value, math.log(lams[rank - 1]), math.log(lams[rank + 1]), tol)
+    index = best()
+    return SureCurve(curve[index][0], index, curve)
 
 
 def sure_prox(op: LinearOperator, y: torch.Tensor, x_hat: torch.Tensor, lam: float, sigma: float,

@@ -204,3 +204,23 @@ def test_sure_refinement_finds_the_continuous_minimum_between_grid_points():
     assert fine.curve[fine.index][0] == fine.lam and fine.curve[fine.index][1] == min(v for _, v in fine.curve)
     assert abs(math.log(fine.lam / exact.lam)) < abs(math.log(coarse.lam / exact.lam))
     assert abs(math.log(fine.lam / exact.lam)) < 0.2, (fine.lam, exact.lam)
+
+
+def test_sure_refinement_steps_past_a_grid_edge_to_an_interior_minimum():
+    """A grid that stops short of SURE's minimum: with ``refine`` the λ-step extends it outward at the
+    edge's spacing until the minimum is interior, then refines; without, it returns the grid's edge."""
+    op, y, x_hat, _, mask, sigma = _single_coil_problem(20, 0.3)
+    m, eps = sampled_count(mask, tuple(y.shape)), 0.1 * sigma
+    exact = search_lambda(lambda lam: sure_prox_closed_form(op, y, x_hat, lam, sigma), 1e-3, 1e2, grid=11, tol=1e-4)
+    b = probe(mask, tuple(y.shape), _gen(5), torch.float64)
+
+    def measure(lam):
+        return op.A(prox(op, y, x_hat, lam)), op.A(prox(op, y + eps * b, x_hat, lam))
+
+    for grid in ([exact.lam / 30, exact.lam / 10], [exact.lam * 10, exact.lam * 30]):  # below it, above it
+        edge = sure_over_grid(y, b, eps, sigma, m, grid, measure)
+        assert edge.lam == (grid[-1] if grid[-1] < exact.lam else grid[0])
+        fine = sure_over_grid(y, b, eps, sigma, m, grid, measure, refine=True, tol=0.01)
+        lams = sorted(lam for lam, _ in fine.curve)
+        assert lams[0] < fine.lam < lams[-1]  # interior of what was evaluated
+        assert abs(math.log(fine.lam / exact.lam)) < 0.2, (grid, fine.lam, exact.lam)
