@@ -320,9 +320,7 @@ class BiasRecon:
                               copies=copies, progress=progress)
             x0_sum = x0 if x0_sum is None else x0_sum + x0
             x_hat_sum = last["x_hat"] if x_hat_sum is None else x_hat_sum + last["x_hat"]
-        if self.s.num_samples == 1:
-            return x0_sum, x_hat_sum
-        return x0_sum / self.s.num_samples, x_hat_sum / self.s.num_samples
+        return x0_sum / self.s.num_samples, x_hat_sum / self.s.num_samples  # exact for one sample
 
     # -- calibration ------------------------------------------------------------------------------
     def _split(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
