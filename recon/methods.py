@@ -44,6 +44,7 @@ __all__ = [
     "PRIOR_METHODS",
     "TUNABLE_METHODS",
     "DEFAULT_LAMBDA_GRID",
+    "parse_lambdas",
     "parse_methods",
     "method_parameters",
     "check_params",
@@ -129,6 +130,22 @@ def parse_methods(text: str, where: str = "command line: key '--method'") -> lis
         if name not in METHODS:
             raise InputError(f"{where} names {name!r}, expected 'all' or one of {', '.join(METHODS)}.")
     return list(dict.fromkeys(names))
+
+
+def parse_lambdas(text: str, where: str, positive: bool = False) -> list[float]:
+    """A comma list of λ (empty items skipped): finite and non-negative, or positive with ``positive``.
+
+    Raises:
+        InputError: an empty list, a non-number, or a value out of range, naming ``where``.
+    """
+    try:
+        grid = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        grid = []
+    if not grid or not all(math.isfinite(g) and (g > 0 if positive else g >= 0) for g in grid):
+        kind = "positive" if positive else "non-negative"
+        raise InputError(f"{where} is {text!r}, expected a comma list of {kind} numbers.")
+    return grid
 
 
 def method_parameters(method: str) -> tuple[str, ...]:

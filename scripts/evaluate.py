@@ -46,7 +46,7 @@ from recon.data import load_site, site_dataset
 from recon.data.transforms import center_crop
 from recon.errors import InputError
 from recon.jobs import run_main
-from recon.methods import CLASSICAL_METHODS, METHODS, TUNABLE_METHODS, parse_methods, prior_settings
+from recon.methods import CLASSICAL_METHODS, METHODS, TUNABLE_METHODS, parse_lambdas, parse_methods, prior_settings
 from recon.methods import SCORED_AGAINST, run_baseline, tune_lambda
 from recon.data import Sample
 from recon.metrics import psnr, ssim
@@ -59,6 +59,8 @@ __all__ = ["evaluate_site", "lambda_check", "markdown", "lambda_markdown", "main
 
 GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 """Oracle grid of the classical methods' λ (the best λ measured on the real-image sites lies inside it)."""
+LAMBDA_CHECK_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+"""Fixed λ of ``--lambda-check`` (chain and final prox)."""
 SAMPLER = TweedieSampler()
 
 
@@ -150,7 +152,7 @@ def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_pat
 
 
 def lambda_check(site_name: str, max_slices: int, prior_path: Path, workdir: Path, settings: BiasReconSettings,
-                 site_overrides: list[str] = (), grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)) -> list[dict]:
+                 site_overrides: list[str] = (), grid: tuple[float, ...] = LAMBDA_CHECK_GRID) -> list[dict]:
     """The default λ rule (``unadapted_sure`` with ``settings``) against the unadapted prior at each fixed λ of
     ``grid`` (chain and final data consistency), scored against the target and the clean reference."""
     samples = _open(site_name, list(site_overrides), max_slices, workdir)
@@ -170,11 +172,11 @@ def lambda_check(site_name: str, max_slices: int, prior_path: Path, workdir: Pat
     return rows
 
 
-def _cell(scores: dict, against: str, spread: bool = True) -> str:
+def _cell(scores: dict, against: str) -> str:
     if against not in scores:
         return "—"
     p, q = scores[against]["psnr"], scores[against]["ssim"]
-    return f"{p[0]:.2f} ± {p[1]:.2f} / {q[0]:.3f} ± {q[1]:.3f}" if spread else f"{p[0]:.2f} / {q[0]:.3f}"
+    return f"{p[0]:.2f} ± {p[1]:.2f} / {q[0]:.3f} ± {q[1]:.3f}"
 
 
 def lambda_markdown(rows: list[dict], command: str) -> str:
@@ -206,17 +208,6 @@ def markdown(rows: list[dict], command: str) -> str:
     return head + body
 
 
-def _grid(text: str, flag: str) -> tuple[float, ...]:
-    """A comma list of positive finite numbers, or one error naming the flag."""
-    try:
-        grid = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        grid = ()
-    if not grid or not all(math.isfinite(g) and g > 0 for g in grid):
-        raise InputError(f"command line: key '{flag}' is {text!r}, expected a comma list of positive numbers.")
-    return grid
-
-
 def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", default="source_brain,unseen_center")
@@ -231,7 +222,7 @@ def _run(argv: list[str] | None) -> int:
                              "clean reference")
     parser.add_argument("--oracle-grid", default=",".join(f"{g:g}" for g in GRID),
                         help="comma list of the λ tried for the oracle l1wavelet / tv (default %(default)s)")
-    parser.add_argument("--lambda-grid", default="0.01,0.03,0.1,0.3,1",
+    parser.add_argument("--lambda-grid", default=",".join(f"{g:g}" for g in LAMBDA_CHECK_GRID),
                         help="comma list of the fixed λ of --lambda-check (default %(default)s)")
     parser.add_argument("overrides", nargs="*",
                         help="BiasReconSettings overrides (num_steps=30) and site overrides with the prefix site. "
@@ -241,8 +232,8 @@ def _run(argv: list[str] | None) -> int:
     site_overrides = [o[len("site."):] for o in args.overrides if o.startswith("site.")]
     settings = settings_from_dotlist([o for o in args.overrides if not o.startswith("site.")])
     prior = resolve_prior(args.prior)
-    oracle_grid = _grid(args.oracle_grid, "--oracle-grid")
-    lambda_grid = _grid(args.lambda_grid, "--lambda-grid")
+    oracle_grid = tuple(parse_lambdas(args.oracle_grid, "command line: key '--oracle-grid'", positive=True))
+    lambda_grid = tuple(parse_lambdas(args.lambda_grid, "command line: key '--lambda-grid'", positive=True))
     rows = []
     for site in args.sites.split(","):
         if args.lambda_check:

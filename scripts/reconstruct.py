@@ -58,7 +58,6 @@ reads the command line.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -70,7 +69,7 @@ from recon.config import AdaptConfig
 from recon.errors import InputError
 from recon.jobs import OneLineParser, run_main
 from recon.methods import DEFAULT_LAMBDA_GRID, PRIOR_METHODS, TUNABLE_METHODS, check_params, method_parameters
-from recon.methods import parse_methods
+from recon.methods import parse_lambdas, parse_methods
 from recon.runner import RunSpec, run
 from scores.checkpoints import CheckpointError
 from scores.priors import DEFAULT_PRIOR, bundled_priors, load_prior, resolve_prior
@@ -142,13 +141,7 @@ def parse_grid(text: str | None) -> list[float]:
     """``--grid`` as a list of non-negative λ (the default grid when not given)."""
     if text is None:
         return list(DEFAULT_LAMBDA_GRID)
-    try:
-        grid = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        grid = []
-    if not grid or not all(math.isfinite(g) and g >= 0 for g in grid):
-        raise InputError(f"command line: key '--grid' is {text!r}, expected a comma list of non-negative numbers.")
-    return grid
+    return parse_lambdas(text, "command line: key '--grid'")
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:

@@ -16,6 +16,7 @@ from recon.methods import (
     PRIOR_METHODS,
     check_params,
     method_parameters,
+    parse_lambdas,
     parse_methods,
     prior_settings,
     run_baseline,
@@ -70,3 +71,13 @@ def test_parse_methods_and_run_baseline_refuses_prior_methods():
         parse_methods(" , ")
     with pytest.raises(InputError, match="classical"):
         run_baseline("unadapted", None, None)
+
+
+def test_lambda_lists_parse_in_order_and_refuse_what_a_grid_cannot_hold():
+    assert parse_lambdas("1e-3, 0.01,,0.3", "here") == [1e-3, 0.01, 0.3]
+    assert parse_lambdas("0,0.1", "here") == [0.0, 0.1]  # λ = 0 is a valid oracle candidate
+    with pytest.raises(InputError, match="key '--lambda-grid' is '0,0.1', expected a comma list of positive"):
+        parse_lambdas("0,0.1", "command line: key '--lambda-grid'", positive=True)
+    for bad in ("", "x", "nan", "0.1,inf", "-0.1"):
+        with pytest.raises(InputError, match="here is .*non-negative numbers"):
+            parse_lambdas(bad, "here")
