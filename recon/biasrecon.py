@@ -46,16 +46,20 @@ import torch
 from torch import nn
 
 from recon.adapt.calibration import FrequencyCalibration
+from recon.adapt.lora import LoRA
 from recon.adapt.selfsup import KSpaceSplit, heldout_loss, split_mask, theta_operator
 from recon.coils import detect_acs
+from recon.data.transforms import center_crop
 from recon.dc import prox
 from recon.errors import InputError
 from recon.operators import Sense, conjugate_gradient
 from recon.sure import complex_normal, estimate_sigma, probe, sampled_count, sure_over_grid
 
-__all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "BiasRecon"]
+__all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "BiasRecon", "reference_loss"]
 
-AdaptMode = Literal["gamma", "full", "none"]
+AdaptMode = Literal["gamma", "full", "lora", "lam", "none"]
+ADAPT_MODES: tuple[str, ...] = ("gamma", "full", "lora", "lam", "none")
+CALIB_LOSSES: tuple[str, ...] = ("heldout", "reference")
 
 
 class Prior(Protocol):
@@ -95,7 +99,14 @@ class BiasReconSettings:
         num_samples: posterior samples averaged into the estimate (an approximation of the posterior
             mean): the final chain (and SURE's) runs ``num_samples`` times, with seeds ``seed``,
             ``seed + 1``, …, and averages the complex images; 1 is the single sample.
-        adapt: "gamma" (BiasRecon), "full" (fine-tune every weight) or "none" (unadapted prior).
+        adapt: what the calibration fits: "gamma" (BiasRecon's band gains), "full" (every weight of the prior:
+            test-time training), "lora" (rank-``lora_rank`` updates of every convolution, :class:`recon.adapt.lora.LoRA`),
+            "lam" (one learned data-consistency weight λ = exp(ρ), the prior untouched) or "none" (unadapted prior).
+            Every mode fits with the same loss, the same θ-steps along the same sampler, and the same guard.
+        lora_rank: rank of the LoRA updates (``adapt="lora"``).
+        calib_loss: what the θ-steps minimise: "heldout" (the self-supervised held-out k-space loss) or
+            "reference" (the oracle: the error of ``|x|`` against the clean reference image, which the caller
+            passes; an upper bound on what the parameterisation can do, never a reconstruction method).
         theta_steps: Adam steps per θ-step; adapt_fraction: share of the schedule with θ-steps;
             lr: Adam's learning rate; split_ratio: share of the sampled non-ACS k-space held out;
             acs_fraction: centre kept in Θ.
@@ -127,6 +138,8 @@ class BiasReconSettings:
     sigma_end: float = 0.01
     eta: float = 1.0
     adapt: AdaptMode = "gamma"
+    lora_rank: int = 4
+    calib_loss: str = "heldout"
     theta_steps: int = 4
     adapt_fraction: float = 0.7
     lr: float = 5e-2
@@ -153,8 +166,12 @@ class BiasReconSettings:
                 f"biasrecon: need num_steps >= 1 and sigma_start > sigma_end > 0, got {self.num_steps}, "
                 f"{self.sigma_start}, {self.sigma_end}"
             )
-        if self.adapt not in ("gamma", "full", "none"):
-            raise InputError(f"biasrecon.adapt must be 'gamma', 'full' or 'none', got {self.adapt!r}")
+        if self.adapt not in ADAPT_MODES:
+            raise InputError(f"biasrecon.adapt must be one of {', '.join(ADAPT_MODES)}, got {self.adapt!r}")
+        if self.calib_loss not in CALIB_LOSSES:
+            raise InputError(f"biasrecon.calib_loss must be one of {', '.join(CALIB_LOSSES)}, got {self.calib_loss!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise InputError(f"biasrecon.lora_rank must be an integer >= 1, got {self.lora_rank!r}")
         if not 0 < self.split_ratio < 1:
             raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
         if self.lam_rule not in ("fixed", "noise"):
@@ -197,7 +214,10 @@ class BiasReconResult:
         sure_curve: ``[(λ, SURE(λ))]`` of the λ-step (empty without SURE).
         gamma: kept γ ``(L, B)`` (None unless ``adapt="gamma"``); val_loss_zero / val_loss_best:
             held-out loss on Λ_v of the chain run on ``y_Θv`` with γ = 0 and with the kept
-            parameters (``val_loss_best <= val_loss_zero``); seconds: wall time.
+            parameters (``val_loss_best <= val_loss_zero``); seconds: wall time; num_adapted: number of
+            values the calibration fits (0 unadapted); lam is the learned λ for ``adapt="lam"``;
+            fixed_image: the chain's output at the chain λ — the same method without SURE (with SURE, the
+            λ-step's unperturbed copy, so both come from one run), complex ``(B, 1, H, W)``.
     """
 
     image: torch.Tensor
@@ -210,6 +230,33 @@ class BiasReconResult:
     val_loss_best: float | None = None
     seconds: float = 0.0
     chain_lam: float | None = None
+    num_adapted: int = 0
+    fixed_image: torch.Tensor | None = None
+
+
+def _check_reference(reference: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """The oracle's reference as real ``(B, 1, h, w)``, ``h ≤ H``, ``w ≤ W`` (the k-space ``(B, C, H, W)``)."""
+    if reference is None:
+        raise InputError("biasrecon.calib_loss is 'reference' (the oracle) but no reference image was given; "
+                         "expected the clean reference of every slice (key 'reconstruction_clean').")
+    ref = reference.abs() if torch.is_complex(reference) else reference
+    if ref.dim() == 3:
+        ref = ref[:, None]
+    if ref.dim() != 4 or ref.shape[0] != shape[0] or ref.shape[1] != 1 or ref.shape[2] > shape[2] \
+            or ref.shape[3] > shape[3] or not bool(torch.isfinite(ref).all()):
+        raise InputError(f"biasrecon: the reference has shape {tuple(reference.shape)}, expected finite "
+                         f"({shape[0]}, 1, h, w) with h <= {shape[2]}, w <= {shape[3]}.")
+    return ref.float()
+
+
+def reference_loss(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The oracle's loss: ``mean_b ‖crop(|x_b|) − r_b‖² / ‖r_b‖²`` (crop to the reference's centre).
+
+    Shape: ``x`` complex ``(B, 1, H, W)``; ``reference`` real ``(B, 1, h, w)``; returns a real scalar.
+    """
+    magnitude = center_crop(x.abs(), tuple(reference.shape[-2:]))
+    dims = tuple(range(1, x.dim()))
+    return ((magnitude - reference).square().sum(dim=dims) / reference.square().sum(dim=dims)).mean()
 
 
 def _sense_start(op: Sense, kspace: torch.Tensor, cg_iters: int) -> torch.Tensor:
@@ -248,10 +295,14 @@ class BiasRecon:
     """
 
     def __init__(self, prior: Prior, op: Sense, kspace: torch.Tensor, settings: BiasReconSettings, *,
-                 sampler: Sampler, calibration_layers: int = 24, calibration_bands: int = 3) -> None:
+                 sampler: Sampler, calibration_layers: int = 24, calibration_bands: int = 3,
+                 reference: torch.Tensor | None = None) -> None:
         if tuple(kspace.shape) != op.shape:
             raise InputError(f"k-space has shape {tuple(kspace.shape)}, expected {op.shape} for this operator")
         self.s, self.op, self.y, self.sampler = settings, op, kspace, sampler
+        self.reference = None
+        if settings.calib_loss == "reference" and settings.adapt != "none":
+            self.reference = _check_reference(reference, op.shape)
         self.noise_sigma = settings.noise_sigma
         if settings.lam_rule == "noise" or settings.sure:
             if self.noise_sigma is None:
@@ -275,6 +326,13 @@ class BiasRecon:
             for p in self.prior.parameters():
                 p.requires_grad_(True)
             self.params = list(self.prior.parameters())
+        elif settings.adapt == "lora":
+            self.calibration = LoRA(prior, rank=settings.lora_rank,
+                                    generator=torch.Generator().manual_seed(settings.seed + 2203)).attach()
+            self.params = list(self.calibration.parameters())
+        elif settings.adapt == "lam":  # ρ = log λ, the prior untouched
+            self.log_lam = nn.Parameter(torch.tensor(math.log(self.lam)))
+            self.params = [self.log_lam]
         else:
             self.params = []
         self.optimizer = torch.optim.Adam(self.params, lr=settings.lr) if self.params else None
@@ -286,7 +344,7 @@ class BiasRecon:
         self.calib_op, self.calib_y, self.calib_lambda = op, kspace, None
         self.x: torch.Tensor | None = None  # the calibration's own iterate
         if self.params:  # the calibration's own iterate; the reconstruction starts afresh in x_step_chain
-            if settings.calib_iterate == "theta":  # a fixed split: the iterate never sees y_Λc
+            if settings.calib_iterate == "theta" and self.reference is None:  # a fixed split: never sees y_Λc
                 theta_c, self.calib_lambda = self._split(torch.Generator().manual_seed(settings.seed + 3571))
                 self.calib_op, self.calib_y = theta_operator(op, theta_c), kspace * theta_c
             self._setup_validation()
@@ -351,6 +409,8 @@ class BiasRecon:
         theta, self.val_lambda = self._split(vgen)
         self.val_op = theta_operator(self.op, theta)
         self.val_y = self.y * theta
+        if self.reference is not None:  # the oracle scores against the reference: all of y, nothing held out
+            self.val_op, self.val_y, self.val_lambda = self.op, self.y, None
         with torch.no_grad():  # a denoiser input from Θ_v alone, mid-schedule noise, fixed noise draw
             x_theta = _sense_start(self.val_op, self.val_y, self.s.cg_iters)
         self.val_sigma = math.sqrt(self.sigmas[0] * self.sigmas[-1])
@@ -360,12 +420,25 @@ class BiasRecon:
     def _validation_loss(self) -> float:
         x_hat = self.prior.denoise(self.val_x, self.val_sigma)
         x_dc = prox(self.val_op, self.val_y, x_hat, self.lam, self.s.cg_iters)
-        return float(heldout_loss(self.op, self.y, x_dc, self.val_lambda))
+        return float(self._loss(x_dc, self.val_lambda))
+
+    def _loss(self, x: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+        """The calibration's loss of an estimate ``x`` ``(B, 1, H, W)``: the held-out k-space error on ``held``
+        (:func:`recon.adapt.selfsup.heldout_loss`) or, for the oracle, the error against the reference."""
+        if self.reference is not None:
+            return reference_loss(x, self.reference)
+        return heldout_loss(self.op, self.y, x, held)
 
     def _set_params(self, values: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 p.copy_(v)
+        self._sync_lam()
+
+    def _sync_lam(self) -> None:
+        """``adapt="lam"``: the chain's λ follows the learned ρ (λ = exp ρ)."""
+        if self.s.adapt == "lam":
+            self.lam = float(self.log_lam.detach().exp())
 
     def theta_step(self, x: torch.Tensor, sigma: float) -> float:
         """A few Adam steps on the calibration parameters, denoising the iterate ``x`` at level ``sigma``;
@@ -374,22 +447,29 @@ class BiasRecon:
         loss_value = float("nan")
         with torch.enable_grad():
             for _ in range(self.s.theta_steps):
-                if self.calib_lambda is None:
+                if self.reference is not None:
+                    theta_op, y_theta, lam_mask = self.op, self.y, None
+                elif self.calib_lambda is None:
                     theta, lam_mask = self._split(self.gen)
                     theta_op, y_theta = theta_operator(self.op, theta), self.y * theta
                 else:
                     theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, self.calib_lambda
+                lam = self.log_lam.exp() if self.s.adapt == "lam" else self.lam
                 x_hat = self.prior.denoise(x.detach(), sigma)
-                x_dc = prox(theta_op, y_theta, x_hat, self.lam, self.s.cg_iters)
-                loss = heldout_loss(self.op, self.y, x_dc, lam_mask)
+                x_dc = prox(theta_op, y_theta, x_hat, lam, self.s.cg_iters)
+                loss = self._loss(x_dc, lam_mask)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 loss_value = float(loss.detach())
+        self._sync_lam()
         self._iterate = [p.detach().clone() for p in self.params]
-        val = self._validation_loss()
-        if val < self.val_loss_best:
-            self.val_loss_best, self._best = val, [p.detach().clone() for p in self.params]
+        if self.reference is not None:  # the oracle keeps its latest fit; the chain guard alone judges it
+            self._best = self._iterate
+        else:
+            val = self._validation_loss()
+            if val < self.val_loss_best:
+                self.val_loss_best, self._best = val, [p.detach().clone() for p in self.params]
         self._set_params(self._best)
         return loss_value
 
@@ -410,7 +490,7 @@ class BiasRecon:
     def chain_heldout_loss(self) -> float:
         """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters)."""
         x0, _ = self.x_step_chain(self.val_op, self.val_y, self.lam)
-        return float(heldout_loss(self.op, self.y, x0, self.val_lambda))
+        return float(self._loss(x0, self.val_lambda))
 
     def final_guard(self) -> None:
         """Keep the calibrated parameters only if their chain predicts ``y_Λv`` better than γ = 0's."""
@@ -428,8 +508,9 @@ class BiasRecon:
 
     # -- λ-step and the reconstruction --------------------------------------------------------
     @torch.no_grad()
-    def lambda_step(self) -> tuple[float, torch.Tensor, list[tuple[float, float]]]:
-        """λ of the final data consistency minimising Monte-Carlo SURE; returns ``(λ, image, curve)``.
+    def lambda_step(self) -> tuple[float, torch.Tensor, list[tuple[float, float]], torch.Tensor]:
+        """λ of the final data consistency minimising Monte-Carlo SURE; returns ``(λ, image, curve, fixed)``,
+        ``fixed`` the chain's own output at the fixed λ (the unperturbed copy: the method without SURE).
 
         The chain runs at the fixed ``lam`` (it shapes the null space); the last prox
         ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴy + λx̂)`` changes only the measured part, so the measurement-
@@ -446,7 +527,7 @@ class BiasRecon:
         ys = torch.cat([self.y, self.y + eps * b])
         mask = self.op.mask.repeat(2, 1, 1, 1) if self.op.mask.dim() == 4 else self.op.mask
         pair = Sense(self.op.sens_maps.repeat(2, 1, 1, 1), mask, fused=self.op.fused)
-        _, x_hat = self.x_step_chain(pair, ys, self.lam, copies=2)
+        x0, x_hat = self.x_step_chain(pair, ys, self.lam, copies=2)
         images: list[torch.Tensor] = []
 
         def measure(lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,7 +538,7 @@ class BiasRecon:
 
         choice = sure_over_grid(self.y, b, eps, sigma, sampled_count(self.op.mask, tuple(self.y.shape)),
                                 self.s.lam_grid, measure, refine=self.s.sure_refine)
-        return choice.lam, images[choice.index], choice.curve
+        return choice.lam, images[choice.index], choice.curve, x0[:n]
 
     def calibrate(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> None:
         """Every calibration step along the sampler's loop, then :meth:`final_guard` (nothing when
@@ -485,10 +566,11 @@ class BiasRecon:
         try:
             self.calibrate(progress, callback)
             if self.s.sure:
-                lam, image, curve = self.lambda_step()
+                lam, image, curve, fixed = self.lambda_step()
             else:
                 lam, curve = self.lam, []
                 image, _ = self.x_step_chain(self.op, self.y, lam, progress=progress)
+                fixed = image
         finally:
             if self.calibration is not None:
                 self.calibration.detach()
@@ -496,4 +578,5 @@ class BiasRecon:
         return BiasReconResult(image=image, lam=lam, noise_sigma=self.noise_sigma, history=self.history,
                                sure_curve=curve, gamma=gamma, val_loss_zero=self.val_loss_zero,
                                val_loss_best=self.val_loss_best, seconds=time.perf_counter() - start,
-                               chain_lam=self.lam)
+                               chain_lam=self.lam, num_adapted=sum(p.numel() for p in self.params),
+                               fixed_image=fixed)

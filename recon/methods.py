@@ -11,8 +11,13 @@ everywhere:
   ``biasrecon`` (as configured: γ calibration, λ by SURE), ``biasrecon_nosure`` (fixed λ),
   ``unadapted`` (the prior as trained, fixed λ), ``unadapted_sure`` (the prior as trained, λ by
   SURE), ``finetune`` (every weight of the prior fitted per scan, the full test-time-adaptation
-  baseline) and ``prior_dc`` (the prior with near-hard data consistency, λ = 10⁻⁴, along 50 levels
-  from σ = 1). Their parameters are the settings' fields. Adaptation methods added later are rows here.
+  baseline of Darestani et al. 2022), ``lora`` (rank-4 updates of every convolution, as DDIP /
+  Steerable Conditional Diffusion adapt a diffusion prior), ``learned_lam`` (one data-consistency
+  weight learned per scan, as SMRD / SCD-scalar; no SURE), ``oracle_gamma`` (BiasRecon's γ fitted to
+  the clean reference instead of the held-out k-space: the bound of the parameterisation, needs
+  references) and ``prior_dc`` (the prior with near-hard data consistency, λ = 10⁻⁴, along 50 levels
+  from σ = 1). The adaptation methods share BiasRecon's loss, θ-steps, sampler, guard and SURE step, so
+  they differ only in what they fit. Their parameters are the settings' fields.
 
 Best-λ tuning (:func:`tune_lambda`) picks λ of a classical method on the very slices it is scored on.
 """
@@ -50,6 +55,7 @@ __all__ = [
     "check_params",
     "prior_settings",
     "run_baseline",
+    "reference_stack",
     "LambdaScore",
     "SCORED_AGAINST",
     "slice_psnr",
@@ -74,6 +80,13 @@ class Method:
     changes: Mapping[str, Any] = field(default_factory=dict)
 
 
+FINETUNE_LR = 1e-4
+"""Adam's step for every weight of the prior (``finetune``): a convolution weight of fan-in ~10³ is ~0.03, so
+the θ-steps' ~60 Adam steps move it by up to ~20 %; γ's step (5·10⁻²) would wreck the network."""
+LORA_LR = 1e-3
+"""Adam's step for the LoRA factors (``lora``): with ``A ~ N(0, 1/fan-in)`` the same ~20 % change of a weight."""
+
+
 def _table(*rows: Method) -> Mapping[str, Method]:
     return MappingProxyType({row.name: row for row in rows})
 
@@ -87,7 +100,10 @@ METHODS: Mapping[str, Method] = _table(
     Method("biasrecon_nosure", "prior", changes={"sure": False}),
     Method("unadapted", "prior", changes={"adapt": "none", "sure": False}),
     Method("unadapted_sure", "prior", changes={"adapt": "none", "sure": True}),
-    Method("finetune", "prior", changes={"adapt": "full"}),
+    Method("finetune", "prior", changes={"adapt": "full", "lr": FINETUNE_LR}),
+    Method("lora", "prior", changes={"adapt": "lora", "lr": LORA_LR}),
+    Method("learned_lam", "prior", changes={"adapt": "lam", "sure": False}),
+    Method("oracle_gamma", "prior", changes={"adapt": "gamma", "calib_loss": "reference"}),
     Method("prior_dc", "prior", changes={"adapt": "none", "sure": False, "lam": 1e-4, "num_steps": 50,
                                          "sigma_start": 1.0, "sigma_end": 0.01}),
 )
@@ -201,6 +217,26 @@ def prior_settings(base: BiasReconSettings, method: str, params: Mapping[str, An
         return dataclasses.replace(base, **values)
     except TypeError as exc:  # a value of the wrong type inside the settings' own checks
         raise InputError(f"{method}: settings {values} are invalid ({exc}).") from None
+
+
+def reference_stack(samples: Sequence[Sample]) -> torch.Tensor:
+    """The slices' clean references stacked for the oracle (``calib_loss="reference"``).
+
+    Shape: each ``sample.reference`` ``(h, w)`` (all alike); returns ``(B, 1, h, w)`` float32.
+
+    Raises:
+        InputError: a slice without a reference, or references of different sizes, naming the file.
+    """
+    refs = []
+    for sample in samples:
+        if sample.reference is None:
+            raise InputError(f"{sample.fname} (slice {sample.slice_idx}): key 'reconstruction_clean' is missing, "
+                             f"expected a clean reference for the oracle method (calib_loss='reference').")
+        if refs and tuple(sample.reference.shape) != tuple(refs[0].shape):
+            raise InputError(f"{sample.fname} (slice {sample.slice_idx}): key 'reconstruction_clean' has shape "
+                             f"{tuple(sample.reference.shape)}, expected {tuple(refs[0].shape)} like the batch's first.")
+        refs.append(torch.as_tensor(sample.reference, dtype=torch.float32))
+    return torch.stack(refs)[:, None]
 
 
 def _check_maps(sample: Sample, sens_maps: object) -> torch.Tensor:

@@ -46,7 +46,7 @@ from recon.data.transforms import center_crop, output_size, submission_slice
 from recon.errors import InputError
 from recon.figures import comparison_figure, gamma_figure, trajectories_figure
 from recon.jobs import Ranks, check_output_folder, init_ranks, is_inside, run_volumes
-from recon.methods import METHODS, prior_settings, run_baseline, tune_lambda
+from recon.methods import METHODS, prior_settings, reference_stack, run_baseline, tune_lambda
 from recon.metrics import evaluate
 from recon.operators import Sense
 from recon.sure import estimate_sigma
@@ -320,7 +320,7 @@ def prepare(spec: RunSpec) -> Plan:
         if METHODS[method].kind == "prior":
             base = method_settings(config, "biasrecon")  # the section as configured
             settings[method] = prior_settings(base, method, spec.params.get(method))
-    gamma_methods = [m for m, s in settings.items() if s.adapt == "gamma"]
+    gamma_methods = [m for m, s in settings.items() if s.adapt == "gamma" and s.calib_loss == "heldout"]
     site = load_site(spec.site, site_overrides(spec.data, spec.site_items))
     out = spec.out if spec.out is not None else Path("out") / spec.default_out / site.name
     if spec.data is not None:
@@ -431,11 +431,12 @@ def _prior_method(plan: Plan, method: str, batch: Batch, sigma: list[float]) -> 
         if not sigma:
             sigma.append(noise_level(batch.kspace, batch.op.mask))
         settings = replace(settings, noise_sigma=sigma[0])
-    if settings.adapt == "gamma" and plan.shared is not None:
+    if settings.adapt == "gamma" and settings.calib_loss == "heldout" and plan.shared is not None:
         settings, prior = replace(settings, adapt="none"), plan.shared.prior
     layers, bands = _calibration_shape(plan.spec)
+    reference = reference_stack(batch.samples) if settings.calib_loss == "reference" else None
     return BiasRecon(prior, batch.op, batch.kspace, settings, sampler=plan.spec.sampler,
-                     calibration_layers=layers, calibration_bands=bands).run()
+                     calibration_layers=layers, calibration_bands=bands, reference=reference).run()
 
 
 def _reconstruct_volume(plan: Plan, source: SliceSource, volume: int,

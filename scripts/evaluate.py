@@ -47,7 +47,7 @@ from recon.data.transforms import center_crop
 from recon.errors import InputError
 from recon.jobs import run_main
 from recon.methods import CLASSICAL_METHODS, METHODS, TUNABLE_METHODS, parse_lambdas, parse_methods, prior_settings
-from recon.methods import SCORED_AGAINST, run_baseline, tune_lambda
+from recon.methods import SCORED_AGAINST, reference_stack, run_baseline, tune_lambda
 from recon.data import Sample
 from recon.metrics import psnr, ssim
 from recon.operators import Sense
@@ -141,7 +141,8 @@ def evaluate_site(site_name: str, methods: list[str], max_slices: int, prior_pat
     y = torch.stack([s.kspace for s in samples])
     for method in prior_methods:
         st = prior_settings(settings, method)
-        result = BiasRecon(prior, op, y, st, sampler=SAMPLER).run(progress=True)
+        reference = reference_stack(samples) if st.calib_loss == "reference" else None
+        result = BiasRecon(prior, op, y, st, sampler=SAMPLER, reference=reference).run(progress=True)
         label = (f"λ={result.lam:.3g}" + (" (SURE)" if st.sure else "") + f", chain λ={result.chain_lam:.3g}"
                  + (" (noise rule)" if st.lam_rule == "noise" else "") + f", {st.num_steps} levels"
                  + (f", mean of {st.num_samples} samples" if st.num_samples > 1 else ""))

@@ -11,6 +11,8 @@ from recon.biasrecon import BiasReconSettings
 from recon.config import AdaptConfig, method_settings
 from recon.errors import InputError
 from recon.methods import (
+    FINETUNE_LR,
+    LORA_LR,
     CLASSICAL_METHODS,
     METHODS,
     PRIOR_METHODS,
@@ -30,7 +32,10 @@ def test_prior_methods_are_the_run_settings_with_the_tables_changes():
     assert prior_settings(base, "biasrecon_nosure") == replace(base, sure=False)
     assert prior_settings(base, "unadapted") == replace(base, adapt="none", sure=False)
     assert prior_settings(base, "unadapted_sure") == replace(base, adapt="none", sure=True)
-    assert prior_settings(base, "finetune") == replace(base, adapt="full")
+    assert prior_settings(base, "finetune") == replace(base, adapt="full", lr=FINETUNE_LR)
+    assert prior_settings(base, "lora") == replace(base, adapt="lora", lr=LORA_LR)
+    assert prior_settings(base, "learned_lam") == replace(base, adapt="lam", sure=False)
+    assert prior_settings(base, "oracle_gamma") == replace(base, calib_loss="reference")
     assert prior_settings(base, "prior_dc") == replace(base, adapt="none", sure=False, lam=1e-4, num_steps=50,
                                                        sigma_start=1.0, sigma_end=0.01)
     assert prior_settings(base, "unadapted", {"lam": 0.5, "lam_grid": [0.1, 1]}) == \
