@@ -3,6 +3,7 @@
 * :func:`comparison_figure`: the first slice — target, each method, and ``|error|`` maps under them.
 * :func:`trajectories_figure`: the held-out k-space loss per calibration step, and SURE's λ curve.
 * :func:`gamma_figure`: the kept γ, layers × bands.
+* :func:`panel_figure`: a reference, images and their error maps; :func:`matrix_heatmap`: priors × domains.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from recon.adapt.calibration import FrequencyCalibration
 from recon.data.sample import Sample
 from recon.metrics import psnr
 
-__all__ = ["comparison_figure", "trajectories_figure", "gamma_figure"]
+__all__ = ["comparison_figure", "trajectories_figure", "gamma_figure", "panel_figure", "matrix_heatmap"]
 
 
 def _png(fig: Any) -> bytes:
@@ -126,4 +127,54 @@ def gamma_figure(calibration: FrequencyCalibration, label: str) -> bytes:
     fig.colorbar(shown, ax=ax, label="γ")
     ax.set_title(f"γ ({label})", fontsize=10)
     fig.tight_layout()
+    return _png(fig)
+
+
+def panel_figure(reference: np.ndarray, images: dict[str, np.ndarray], title: str) -> bytes:
+    """Reference, each image, and ``|image − reference|`` maps under them (PSNR vs the reference in the titles).
+
+    Shape: ``reference`` and every image ``(h, w)`` on one scale; PSNR with ``maxval = max(reference)``.
+    """
+    plt = _pyplot()
+    vmax = float(np.percentile(reference, 99.5))
+    columns = [("reference", reference)] + list(images.items())
+    fig, axes = plt.subplots(2, len(columns), figsize=(2.8 * len(columns), 5.8), squeeze=False)
+    errors = {name: np.abs(image - reference) for name, image in images.items()}
+    emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
+    for col, (name, image) in enumerate(columns):
+        axes[0, col].imshow(image, cmap="gray", vmin=0, vmax=vmax)
+        label = name if name == "reference" else f"{name}\nPSNR {psnr(reference, image, float(reference.max())):.2f} dB"
+        axes[0, col].set_title(label, fontsize=9)
+        if name == "reference":
+            axes[1, col].axis("off")
+        else:
+            axes[1, col].imshow(errors[name], cmap="magma", vmin=0, vmax=emax)
+            axes[1, col].set_title(f"|error| {name}", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def matrix_heatmap(values: np.ndarray, rows: list[str], columns: list[str], title: str,
+                   notes: np.ndarray | None = None) -> bytes:
+    """A priors × domains heatmap of ``values`` (NaN: not defined or not finished), each cell annotated.
+
+    Shape: ``values`` ``(len(rows), len(columns))``; ``notes`` the same shape of strings (default: the values).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.9 * len(columns) + 2.0, 1.1 * len(rows) + 1.4))
+    finite = values[np.isfinite(values)]
+    span = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=-span, vmax=span)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            text = notes[i, j] if notes is not None else ("—" if not np.isfinite(values[i, j]) else f"{values[i, j]:.2f}")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("test domain")
+    ax.set_ylabel("prior")
+    ax.set_title(title, fontsize=9)
     return _png(fig)

@@ -106,10 +106,10 @@ def _check_request(
 def _check_center_fits(
     name: str, num_center: int, num_total: float, acceleration: float, center_fraction: float
 ) -> None:
-    if num_center > num_total:
+    if num_center >= num_total:  # equal leaves no line to draw (fastMRI then divides by zero)
         raise InputError(
-            f"{name}: center_fraction={center_fraction} fully samples {num_center} k-space locations, more "
-            f"than the {num_total:g} that acceleration={acceleration} allows; expected a smaller center_fraction "
+            f"{name}: center_fraction={center_fraction} fully samples {num_center} k-space locations, at least "
+            f"the {num_total:g} that acceleration={acceleration} allows; expected a smaller center_fraction "
             f"or a lower acceleration."
         )
 

@@ -40,7 +40,7 @@ from recon.biasrecon import BiasReconSettings
 from recon.data.sample import Sample
 from recon.data.transforms import center_crop
 from recon.errors import InputError
-from recon.metrics import psnr
+from recon.metrics import psnr, ssim
 
 __all__ = [
     "Method",
@@ -59,6 +59,7 @@ __all__ = [
     "LambdaScore",
     "SCORED_AGAINST",
     "slice_psnr",
+    "slice_scores",
     "tune_lambda",
 ]
 
@@ -331,6 +332,25 @@ def slice_psnr(sample: Sample, image: torch.Tensor, against: str = "target") -> 
     target = center_crop(target, tuple(pred.shape))
     maxval = sample.max_value if against == "target" else float(target.max())
     return psnr(target, pred, maxval=maxval)
+
+
+def slice_scores(sample: Sample, image: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """``{against: (PSNR, SSIM)}`` of one slice against its target and, where stored, its clean reference
+    (fastMRI's definitions; ``maxval`` the file's volume max for the target, the reference's max for it).
+
+    Shape: ``image`` ``(H, W)`` complex or real; the truths ``(h, w)``, compared on ``center_crop(|image|)``.
+    """
+    out = {}
+    for against in SCORED_AGAINST:
+        truth = getattr(sample, against)
+        if truth is None:
+            continue
+        maxval = (float(sample.max_value) if sample.max_value else float(truth.max())) if against == "target" \
+            else float(truth.max())
+        pred = center_crop(image.abs(), truth.shape[-2:]).numpy()[None].astype(np.float32)
+        gt = truth.numpy()[None].astype(np.float32)
+        out[against] = (psnr(gt, pred, maxval), ssim(gt, pred, maxval))
+    return out
 
 
 def tune_lambda(method: str, samples: Sequence[Sample], maps: Sequence[torch.Tensor],

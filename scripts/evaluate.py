@@ -43,13 +43,11 @@ from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.coils import sensitivity_maps
 from recon.config import settings_from_dotlist
 from recon.data import load_site, site_dataset
-from recon.data.transforms import center_crop
 from recon.errors import InputError
 from recon.jobs import run_main
 from recon.methods import CLASSICAL_METHODS, METHODS, TUNABLE_METHODS, parse_lambdas, parse_methods, prior_settings
-from recon.methods import SCORED_AGAINST, reference_stack, run_baseline, tune_lambda
+from recon.methods import reference_stack, run_baseline, slice_scores, tune_lambda
 from recon.data import Sample
-from recon.metrics import psnr, ssim
 from recon.operators import Sense
 from scores.checkpoints import CheckpointError
 from scores.priors import DEFAULT_PRIOR, bundled_priors, load_prior, resolve_prior
@@ -64,25 +62,9 @@ LAMBDA_CHECK_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 SAMPLER = TweedieSampler()
 
 
-def _slice_scores(sample: Sample, image: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """``{against: (PSNR, SSIM)}`` of one slice against its target and, where stored, its clean reference
-    (fastMRI's definitions; ``maxval`` the file's volume max for the target, the reference's max for it)."""
-    out = {}
-    for against in SCORED_AGAINST:
-        truth = getattr(sample, against)
-        if truth is None:
-            continue
-        maxval = (float(sample.max_value) if sample.max_value else float(truth.max())) if against == "target" \
-            else float(truth.max())
-        pred = center_crop(image.abs(), truth.shape[-2:]).numpy()[None].astype(np.float32)
-        gt = truth.numpy()[None].astype(np.float32)
-        out[against] = (psnr(gt, pred, maxval), ssim(gt, pred, maxval))
-    return out
-
-
 def _scored(samples: list[Sample], images: list[torch.Tensor]) -> dict[str, dict[str, tuple[float, float]]]:
     """``{against: {"psnr": (mean, std), "ssim": (mean, std)}}`` over the slices."""
-    per_slice = [_slice_scores(s, im) for s, im in zip(samples, images)]
+    per_slice = [slice_scores(s, im) for s, im in zip(samples, images)]
     out = {}
     for against in per_slice[0]:
         p = np.array([d[against][0] for d in per_slice])

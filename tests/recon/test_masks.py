@@ -203,3 +203,10 @@ def test_poisson_retries_with_a_derived_seed_when_sigpy_gives_up(monkeypatch):
     seeds_seen.clear()
     again, _ = make_mask("poisson_2d", (64, 64), 5.0, 0.08, seed=3)
     assert torch.equal(mask, again)
+
+
+def test_a_centre_that_takes_every_allowed_line_is_refused_not_divided_by_zero():
+    """fastMRI's random mask divides by (W / R − centre lines): a centre of exactly W / R lines is an input error."""
+    for mask_type in ("random_1d", "equispaced_1d"):
+        with pytest.raises(InputError, match="at least"):
+            make_mask(mask_type, (32, 32), 4.0, 0.25, 0)
