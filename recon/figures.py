@@ -46,32 +46,8 @@ def comparison_figure(sample: Sample, images: dict[str, np.ndarray]) -> bytes:
 
     Shape: ``images`` ``{method: (h, w)}`` raw scale; the target is the Sample's, back on the raw scale.
     """
-    plt = _pyplot()
     target = None if sample.target is None else sample.denormalize(sample.target).numpy()
-    columns = ([("target", target)] if target is not None else []) + list(images.items())
-    rows = 2 if target is not None else 1
-    vmax = float(np.percentile(target if target is not None else next(iter(images.values())), 99.5))
-    fig, axes = plt.subplots(rows, len(columns), figsize=(3.0 * len(columns), 3.1 * rows), squeeze=False)
-    errors = {m: np.abs(im - target) for m, im in images.items()} if target is not None else {}
-    emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
-    for col, (name, image) in enumerate(columns):
-        ax = axes[0, col]
-        ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
-        title = name
-        if target is not None and name != "target":
-            title += f"\nPSNR {psnr(target, image):.2f} dB"
-        ax.set_title(title, fontsize=9)
-        if rows == 2:
-            if name == "target":
-                axes[1, col].axis("off")
-            else:
-                axes[1, col].imshow(errors[name], cmap="magma", vmin=0, vmax=emax)
-                axes[1, col].set_title(f"|error| {name}", fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{sample.fname} slice {sample.slice_idx}", fontsize=10)
-    return _png(fig)
+    return panel_figure(target, images, f"{sample.fname} slice {sample.slice_idx}", "target")
 
 
 def trajectories_figure(history: list[dict], history_label: str, sure_curves: dict[str, dict]) -> bytes:
@@ -130,26 +106,32 @@ def gamma_figure(calibration: FrequencyCalibration, label: str) -> bytes:
     return _png(fig)
 
 
-def panel_figure(reference: np.ndarray, images: dict[str, np.ndarray], title: str) -> bytes:
-    """Reference, each image, and ``|image − reference|`` maps under them (PSNR vs the reference in the titles).
+def panel_figure(reference: np.ndarray | None, images: dict[str, np.ndarray], title: str,
+                 reference_label: str = "reference") -> bytes:
+    """The reference, each image, and ``|image − reference|`` maps under them (PSNR against the reference, its
+    maximum as the peak, in the titles); one row of images when there is no reference.
 
-    Shape: ``reference`` and every image ``(h, w)`` on one scale; PSNR with ``maxval = max(reference)``.
+    Shape: ``reference`` (or None) and every image ``(h, w)``, on one scale.
     """
     plt = _pyplot()
-    vmax = float(np.percentile(reference, 99.5))
-    columns = [("reference", reference)] + list(images.items())
-    fig, axes = plt.subplots(2, len(columns), figsize=(2.8 * len(columns), 5.8), squeeze=False)
-    errors = {name: np.abs(image - reference) for name, image in images.items()}
+    columns = ([(reference_label, reference)] if reference is not None else []) + list(images.items())
+    rows = 2 if reference is not None else 1
+    vmax = float(np.percentile(reference if reference is not None else next(iter(images.values())), 99.5))
+    fig, axes = plt.subplots(rows, len(columns), figsize=(3.0 * len(columns), 3.1 * rows), squeeze=False)
+    errors = {m: np.abs(im - reference) for m, im in images.items()} if reference is not None else {}
     emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
     for col, (name, image) in enumerate(columns):
         axes[0, col].imshow(image, cmap="gray", vmin=0, vmax=vmax)
-        label = name if name == "reference" else f"{name}\nPSNR {psnr(reference, image, float(reference.max())):.2f} dB"
+        label = name
+        if reference is not None and name != reference_label:
+            label += f"\nPSNR {psnr(reference, image):.2f} dB"
         axes[0, col].set_title(label, fontsize=9)
-        if name == "reference":
-            axes[1, col].axis("off")
-        else:
-            axes[1, col].imshow(errors[name], cmap="magma", vmin=0, vmax=emax)
-            axes[1, col].set_title(f"|error| {name}", fontsize=8)
+        if rows == 2:
+            if name == reference_label:
+                axes[1, col].axis("off")
+            else:
+                axes[1, col].imshow(errors[name], cmap="magma", vmin=0, vmax=emax)
+                axes[1, col].set_title(f"|error| {name}", fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

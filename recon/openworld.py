@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import time
@@ -505,10 +504,6 @@ def iterate_pending(spec: MatrixSpec, out: Path) -> Iterator[Unit]:
     for unit in units(spec):
         if not unit.record_path(out).exists():
             yield unit
-
-
-def finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------
