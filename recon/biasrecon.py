@@ -18,7 +18,10 @@ of a Θ_v-only input (cheap), and the x-step uses the best γ so far; when calib
 whole x-step chain is run on ``y_Θv`` alone with the kept γ and with γ = 0, and γ = 0 is restored
 unless the kept γ predicts ``y_Λv`` better — so adaptation never ends with a held-out loss of the
 actual reconstruction above γ = 0's. (The one-denoising score alone is not enough: measured, it
-can improve while the chain's output collapses.)
+can improve while the chain's output collapses.) The calibration's splits are drawn inside Θ_v, so
+``y_Λv`` is never seen before the guard scores it: with it inside the calibration's data, fine-tuning all
+3.2 M weights memorised it — the chain's held-out loss fell 0.136 → 0.093 while the image lost 7.6 dB
+against the clean reference (knee prior, brain slice, 4×).
 
 **λ-step** (``sure=True``): the λ of the final data consistency minimises Monte-Carlo SURE of
 ``f(y) = A·x₀(y; λ)`` through the whole x-step chain (run at the fixed ``lam``): the divergence by
@@ -344,10 +347,11 @@ class BiasRecon:
         self.calib_op, self.calib_y, self.calib_lambda = op, kspace, None
         self.x: torch.Tensor | None = None  # the calibration's own iterate
         if self.params:  # the calibration's own iterate; the reconstruction starts afresh in x_step_chain
+            self._setup_validation()  # Λ_v first: the calibration only ever sees y_Θv
             if settings.calib_iterate == "theta" and self.reference is None:  # a fixed split: never sees y_Λc
-                theta_c, self.calib_lambda = self._split(torch.Generator().manual_seed(settings.seed + 3571))
+                theta_c, self.calib_lambda = self._split(torch.Generator().manual_seed(settings.seed + 3571),
+                                                         self.val_theta)
                 self.calib_op, self.calib_y = theta_operator(op, theta_c), kspace * theta_c
-            self._setup_validation()
             self.val_loss_zero = self.val_loss_best = self._validation_loss()
         self.adapt_steps = math.ceil(settings.adapt_fraction * len(self.sigmas)) if self.params else 0
 
@@ -381,9 +385,10 @@ class BiasRecon:
         return x0_sum / self.s.num_samples, x_hat_sum / self.s.num_samples  # exact for one sample
 
     # -- calibration ------------------------------------------------------------------------------
-    def _split(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Θ/Λ split of each scan's sampled set; ``(H, W)`` or ``(B, 1, H, W)`` like the mask."""
-        mask = self.op.mask
+    def _split(self, generator: torch.Generator, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Θ/Λ split of each scan's sampled set (``mask``, default the operator's); ``(H, W)`` or ``(B, 1, H, W)``
+        like the mask."""
+        mask = self.op.mask if mask is None else mask
         h, w = self.op.shape[-2:]
         if mask.dim() < 2:
             mask = mask.expand(h, w)
@@ -406,9 +411,9 @@ class BiasRecon:
 
     def _setup_validation(self) -> None:
         vgen = torch.Generator().manual_seed(self.s.seed + 7919)
-        theta, self.val_lambda = self._split(vgen)
-        self.val_op = theta_operator(self.op, theta)
-        self.val_y = self.y * theta
+        self.val_theta, self.val_lambda = self._split(vgen)
+        self.val_op = theta_operator(self.op, self.val_theta)
+        self.val_y = self.y * self.val_theta
         if self.reference is not None:  # the oracle scores against the reference: all of y, nothing held out
             self.val_op, self.val_y, self.val_lambda = self.op, self.y, None
         with torch.no_grad():  # a denoiser input from Θ_v alone, mid-schedule noise, fixed noise draw
@@ -450,7 +455,7 @@ class BiasRecon:
                 if self.reference is not None:
                     theta_op, y_theta, lam_mask = self.op, self.y, None
                 elif self.calib_lambda is None:
-                    theta, lam_mask = self._split(self.gen)
+                    theta, lam_mask = self._split(self.gen, self.val_theta)
                     theta_op, y_theta = theta_operator(self.op, theta), self.y * theta
                 else:
                     theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, self.calib_lambda

@@ -45,11 +45,11 @@ class BlurDenoiser(nn.Module):
         return torch.complex(h[:, :1], h[:, 1:])
 
 
-def _problem(seed: int = 0, sigma: float = 0.01):
+def _problem(seed: int = 0, sigma: float = 0.01, density: float = 0.3):
     g = torch.Generator().manual_seed(seed)
     img = torch.from_numpy(np.real(sigpy.shepp_logan((H, W)))).float()[None, None].to(torch.complex64)
     maps = torch.from_numpy(sigpy.mri.birdcage_maps((COILS, H, W))).to(torch.complex64)[None]
-    cols = (torch.rand(W, generator=g) < 0.3).float()
+    cols = (torch.rand(W, generator=g) < density).float()
     cols[W // 2 - 3: W // 2 + 3] = 1
     op = Sense(maps, cols.expand(H, W).clone())
     noise = sigma / math.sqrt(2) * torch.view_as_complex(torch.randn(1, COILS, H, W, 2, generator=g))
@@ -199,8 +199,10 @@ def test_theta_iterate_never_sees_the_heldout_calibration_data():
 
 
 def test_theta_iterate_calibrates_under_the_guard_and_calibrate_then_run_is_run():
+    """The fixed calibration split lies inside Θ_v, so its few held-out lines fit γ well only at low noise
+    (from σ = 0.3 the blur's best gain is a shrinkage that does not carry over to Λ_v): start at σ = 0.05."""
     op, y, _, _ = _problem()
-    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta"}, adapt="gamma")
+    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta", "sigma_start": 0.05}, adapt="gamma")
     fresh = _optimizer(BlurDenoiser(width=0.5), op, y, st).run()
     assert fresh.val_loss_best < 0.99 * fresh.val_loss_zero and bool(torch.count_nonzero(fresh.gamma))
     split = _optimizer(BlurDenoiser(width=0.5), op, y, st)
@@ -257,7 +259,8 @@ def test_lora_adapts_the_convolutions_under_the_guard_and_leaves_the_prior_untou
     prior = BlurDenoiser(width=0.5)
     x = torch.randn(1, 1, H, W, dtype=torch.complex64)
     before = prior.denoise(x, 0.1)
-    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta", "lr": 0.003}, adapt="lora", lora_rank=2)
+    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta", "lr": 0.001, "sigma_start": 0.05}, adapt="lora",
+                           lora_rank=2)  # low noise, as in the theta test above
     result = _optimizer(prior, op, y, st).run()
     assert result.val_loss_best < 0.99 * result.val_loss_zero and result.gamma is None
     assert result.num_adapted == 2 * 2 * (1 * 7 * 7 + 2)  # two layers, rank 2, grouped 7×7 convolutions
