@@ -104,13 +104,16 @@ def _check_request(
 
 
 def _check_center_fits(
-    name: str, num_center: int, num_total: float, acceleration: float, center_fraction: float
+    name: str, num_center: int, num_total: float, acceleration: float, center_fraction: float,
+    lines_left: bool = False,
 ) -> None:
-    if num_center >= num_total:  # equal leaves no line to draw (fastMRI then divides by zero)
+    """The centre fits the budget ``num_total``; with ``lines_left`` it must leave some line to draw (fastMRI's
+    1-D mask functions divide by ``num_total − num_center``)."""
+    if num_center > num_total or (lines_left and num_center >= num_total):
         raise InputError(
-            f"{name}: center_fraction={center_fraction} fully samples {num_center} k-space locations, at least "
-            f"the {num_total:g} that acceleration={acceleration} allows; expected a smaller center_fraction "
-            f"or a lower acceleration."
+            f"{name}: center_fraction={center_fraction} fully samples {num_center} k-space locations, "
+            f"{'at least' if lines_left else 'more than'} the {num_total:g} that acceleration={acceleration} "
+            f"allows; expected a smaller center_fraction or a lower acceleration."
         )
 
 
@@ -135,7 +138,8 @@ def _fastmri_1d(
 ) -> tuple[torch.Tensor, float]:
     """A fastMRI column mask, redrawn along :func:`retry_seeds` until within tolerance."""
     height, width = _check_request(shape, acceleration, center_fraction, seed, name)
-    _check_center_fits(name, round(width * center_fraction), width / acceleration, acceleration, center_fraction)
+    _check_center_fits(name, round(width * center_fraction), width / acceleration, acceleration, center_fraction,
+                       lines_left=True)
     mask_func = mask_func_cls(center_fractions=[center_fraction], accelerations=[acceleration])
     best_row, best_gap = None, math.inf
     for draw_seed in retry_seeds(seed):
