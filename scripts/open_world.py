@@ -80,7 +80,7 @@ def _figures(spec: MatrixSpec, agg: dict, out: Path) -> list[Path]:
         row = entry["rows"].get("biasrecon")
         head = entry["headroom"]
         if cell.prior == spec.domains[cell.domain].own_prior:
-            notes[i, j] = "own prior" + ("" if row is None or row.get("gain") is None else f"\ngain {row['gain']:+.2f} dB")
+            notes[i, j] = "own prior\n" + ("…" if row is None or row.get("gain") is None else f"gain {row['gain']:+.2f} dB")
         elif row is not None and row.get("closure") is not None:
             values[i, j] = row["closure"]
             notes[i, j] = f"{100 * row['closure']:.0f} %\n({row['gain']:+.2f} of {head:+.2f} dB)"
