@@ -43,7 +43,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence, get_args
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ from recon.sure import complex_normal, estimate_sigma, probe, sampled_count, sur
 __all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "BiasRecon", "reference_loss"]
 
 AdaptMode = Literal["gamma", "full", "lora", "lam", "none"]
-ADAPT_MODES: tuple[str, ...] = ("gamma", "full", "lora", "lam", "none")
+ADAPT_MODES: tuple[str, ...] = get_args(AdaptMode)
 CALIB_LOSSES: tuple[str, ...] = ("heldout", "reference")
 
 

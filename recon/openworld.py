@@ -349,8 +349,9 @@ def _save_image(ws: Workspace, unit: Unit, method: str, sample: Sample, image: t
     folder = ws.out / "images" / (unit.cell.key if unit.cell else f"classical__{unit.domain}__{unit.acceleration}x")
     name = method + ("" if unit.lam is None else f"_lam{unit.lam:g}")
     _save_npy(folder / f"{name}.npy", pred)
-    _save_npy(ws.out / "images" / f"reference__{unit.domain}__{unit.acceleration}x.npy",
-              truth.numpy().astype(np.float32))
+    reference = ws.out / "images" / f"reference__{unit.domain}__{unit.acceleration}x.npy"
+    if not reference.exists():  # the same truth for every method of the domain
+        _save_npy(reference, truth.numpy().astype(np.float32))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
