@@ -30,7 +30,11 @@ a seeded probe ``y + εb`` pushed through the chain with common random numbers, 
 pitfalls it avoids: SURE of a single prox with ``x̂`` held fixed is biased, since ``x̂`` comes from
 iterates already made consistent with ``y`` (on ``source_brain`` it chose λ 20–60× too large,
 −2 dB); and choosing the chain's own λ by measurement-domain SURE cannot see the null-space
-error that λ also shapes (it preferred λ = 0.1 where λ = 0.003 was 1.7 dB better).
+error that λ also shapes (it preferred λ = 0.1 where λ = 0.003 was 1.7 dB better). A third:
+SURE weighs the divergence with σ, but when the estimated coil maps cannot explain the data (χ² of
+the least-squares fit 3–13 on the brain template and EPI), the measurement-domain risk is dominated by
+that misfit, and with the noise σ SURE chose λ ≈ 0.01 and lost up to 1 dB against λ = 0.1; σ is
+therefore the regression σ of that fit (``sure_sigma="residual"``), which counts the misfit as noise.
 
 recon/ sees the prior only through :class:`Prior` (``denoise(x, sigma)`` on complex
 ``(B, 1, H, W)``, per-real-channel noise std ``sigma``), so any denoiser module fits, and the
@@ -56,7 +60,7 @@ from recon.data.transforms import center_crop
 from recon.dc import prox
 from recon.errors import InputError
 from recon.operators import Sense, conjugate_gradient
-from recon.sure import complex_normal, estimate_sigma, probe, sampled_count, sure_over_grid
+from recon.sure import complex_normal, estimate_sigma, probe, residual_sigma, sampled_count, sure_over_grid
 
 __all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "BiasRecon", "reference_loss"]
 
@@ -122,6 +126,12 @@ class BiasReconSettings:
             followed outward, up to 4 points at the edge's spacing, then golden-section search of log λ between
             the neighbours of the minimum); noise_sigma: measurement σ (``E|n|² = σ²``),
             None estimates it from the k-space; sure_epsilon: probe step relative to σ.
+        sure_sigma: the σ that SURE weighs its divergence with: "residual" (the regression σ of the data's
+            SENSE least-squares fit, :func:`recon.sure.residual_sigma`: noise plus what the forward model —
+            the estimated coil maps — cannot explain) or "noise" (``noise_sigma``). Measured
+            (``docs/results/lambda_step.md``): where the maps explain the data only to χ² = 3–13 times the
+            noise, SURE with the noise σ fits the misfit and chose λ 10× too small (−0.9 dB); "residual"
+            falls back to "noise" when the data have too few residual degrees of freedom (one coil).
         cg_iters: CG iterations of the prox; seed: seeds every random draw.
         calib_iterate: data consistency of the calibration's own iterate (the one the θ-steps denoise).
             "full" (the first version): made consistent with all of ``y``, and every Adam step draws
@@ -156,6 +166,7 @@ class BiasReconSettings:
     sure_refine: bool = True
     noise_sigma: float | None = None
     sure_epsilon: float = 0.1
+    sure_sigma: str = "residual"
     cg_iters: int = 10
     seed: int = 0
     calib_iterate: str = "theta"
@@ -177,6 +188,8 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.lora_rank must be an integer >= 1, got {self.lora_rank!r}")
         if not 0 < self.split_ratio < 1:
             raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.sure_sigma not in ("residual", "noise"):
+            raise InputError(f"biasrecon.sure_sigma must be 'residual' or 'noise', got {self.sure_sigma!r}")
         if self.lam_rule not in ("fixed", "noise"):
             raise InputError(f"biasrecon.lam_rule must be 'fixed' or 'noise', got {self.lam_rule!r}")
         if not (self.prior_error > 0 and math.isfinite(self.prior_error)):
@@ -211,7 +224,10 @@ class BiasReconResult:
     Attributes:
         image: complex ``(B, 1, H, W)`` final estimate (normalised scale).
         lam: the λ of the final data consistency; chain_lam: the λ of the chain's (``lam_rule``);
-        noise_sigma: the σ given to SURE and the noise rule.
+        noise_sigma: the measurement σ (the noise rule's, and SURE's with ``sure_sigma="noise"``);
+        sure_sigma: the σ SURE used (None without SURE); misfit: ``(residual σ / noise σ)²``, the χ² of the
+            forward model's least-squares fit of the data (≈ 1 when the model explains the data to within noise;
+            None without SURE or when it cannot be measured).
         history: one record per calibration step ``{"step", "sigma", "loss", "val_loss", "gamma"}``
             (``val_loss``: the one-denoising validation score of the best γ so far).
         sure_curve: ``[(λ, SURE(λ))]`` of the λ-step (empty without SURE).
@@ -235,6 +251,8 @@ class BiasReconResult:
     chain_lam: float | None = None
     num_adapted: int = 0
     fixed_image: torch.Tensor | None = None
+    sure_sigma: float | None = None
+    misfit: float | None = None
 
 
 def _check_reference(reference: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
@@ -310,6 +328,13 @@ class BiasRecon:
         if settings.lam_rule == "noise" or settings.sure:
             if self.noise_sigma is None:
                 self.noise_sigma = estimate_sigma(kspace, op.mask)
+        self.sure_sigma, self.misfit = self.noise_sigma, None
+        if settings.sure:
+            residual = residual_sigma(op, kspace)
+            if residual is not None and self.noise_sigma:
+                self.misfit = (residual / self.noise_sigma) ** 2
+            if residual is not None and settings.sure_sigma == "residual":
+                self.sure_sigma = residual
         self.lam = settings.lam  # λ of the chain's data consistency
         if settings.lam_rule == "noise":
             self.lam = min(max(self.noise_sigma**2 / settings.prior_error**2, 1e-4), 1e2)
@@ -518,13 +543,14 @@ class BiasRecon:
         ``fixed`` the chain's own output at the fixed λ (the unperturbed copy: the method without SURE).
 
         The chain runs at the fixed ``lam`` (it shapes the null space); the last prox
-        ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴy + λx̂)`` changes only the measured part, so the measurement-
-        domain risk that SURE estimates is the error that λ controls.
+        ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴy + λx̂)`` mostly changes the measured part (for one coil, only it), so
+        the measurement-domain risk that SURE estimates is the error that λ controls — provided the forward
+        model explains the data; where it does not, ``sure_sigma="residual"`` counts the misfit as noise.
         Maths: ``SURE(λ) = ‖y − f(y)‖² − mσ² + σ² Re⟨b, f(y + εb) − f(y)⟩/ε`` over the ``m``
         sampled entries (:func:`recon.sure.sure_over_grid`), ``b = M(n₁ + i n₂)``,
-        ``ε = sure_epsilon·σ``, ``f(y) = A x₀(y; λ)`` through the whole chain (``x̂`` depends on ``y``).
+        ``ε = sure_epsilon·σ`` (σ: ``sure_sigma``), ``f(y) = A x₀(y; λ)`` through the whole chain (``x̂`` depends on ``y``).
         """
-        sigma = self.noise_sigma
+        sigma = self.sure_sigma
         n = self.y.shape[0]
         b = probe(self.op.mask, tuple(self.y.shape), torch.Generator().manual_seed(self.s.seed + 104729),
                   device=self.device)
@@ -584,4 +610,5 @@ class BiasRecon:
                                sure_curve=curve, gamma=gamma, val_loss_zero=self.val_loss_zero,
                                val_loss_best=self.val_loss_best, seconds=time.perf_counter() - start,
                                chain_lam=self.lam, num_adapted=sum(p.numel() for p in self.params),
-                               fixed_image=fixed)
+                               fixed_image=fixed, sure_sigma=self.sure_sigma if self.s.sure else None,
+                               misfit=self.misfit)

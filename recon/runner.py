@@ -410,7 +410,8 @@ class MethodRecord:
     Attributes:
         images: ``{item: (h, w) float32}`` raw-scale magnitude at the submission size.
         seconds: wall time of the method over the volume (maps excluded).
-        lams / noise_sigmas: ``(value, slices)`` per batch (prior methods).
+        lams / noise_sigmas / misfits: ``(value, slices)`` per batch (prior methods; misfit: the χ² of the
+            forward model's least-squares fit, :attr:`recon.biasrecon.BiasReconResult.misfit`, with SURE).
         val_zero / val_best: validation held-out losses per batch (calibrating methods).
         first: the volume's first batch's result (prior methods).
     """
@@ -419,6 +420,7 @@ class MethodRecord:
     seconds: float = 0.0
     lams: list[tuple[float, int]] = field(default_factory=list)
     noise_sigmas: list[tuple[float, int]] = field(default_factory=list)
+    misfits: list[tuple[float, int]] = field(default_factory=list)
     val_zero: list[float] = field(default_factory=list)
     val_best: list[float] = field(default_factory=list)
     first: BiasReconResult | None = None
@@ -466,6 +468,8 @@ def _reconstruct_volume(plan: Plan, source: SliceSource, volume: int,
             record.lams.append((float(result.lam), len(items)))
             if result.noise_sigma is not None:
                 record.noise_sigmas.append((float(result.noise_sigma), len(items)))
+            if result.misfit is not None:
+                record.misfits.append((float(result.misfit), len(items)))
             if result.val_loss_zero is not None:
                 record.val_zero.append(float(result.val_loss_zero))
                 record.val_best.append(float(result.val_loss_best))
@@ -515,6 +519,7 @@ def volume_record(records: dict[str, MethodRecord], target: np.ndarray | None, i
         entry: dict[str, Any] = {
             "metrics": None if target is None else _volume_metrics(target, pred, source),
             "seconds": record.seconds, "lams": record.lams, "noise_sigmas": record.noise_sigmas,
+            "misfits": record.misfits,
             "val_zero": record.val_zero, "val_best": record.val_best, "first": None,
         }
         first = record.first
@@ -534,7 +539,7 @@ def compute_metrics(volume_records: Sequence[dict], count: int, shared: SharedGa
                     gamma_methods: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per method, from the volumes' records (in dataset order): fastMRI's volume metrics averaged
     over volumes (when the files have targets), ``seconds_per_slice``, and for prior methods the mean
-    ``lam`` (and the ``noise_sigma`` given to SURE) and the validation losses of γ."""
+    ``lam`` (with SURE also the ``noise_sigma`` and the model ``misfit`` χ²) and the validation losses of γ."""
     metrics: dict[str, dict[str, float]] = {}
     for method in volume_records[0]["methods"]:
         entries = [r["methods"][method] for r in volume_records]
@@ -553,6 +558,9 @@ def compute_metrics(volume_records: Sequence[dict], count: int, shared: SharedGa
         sigmas = [p for e in entries for p in e["noise_sigmas"]]
         if sigmas:
             entry["noise_sigma"] = _weighted_mean(sigmas)
+        misfits = [p for e in entries for p in e.get("misfits", [])]
+        if misfits:
+            entry["misfit"] = _weighted_mean(misfits)
         val_zero = [v for e in entries for v in e["val_zero"]]
         if val_zero:
             entry["val_loss_zero"] = float(np.mean(val_zero))

@@ -24,10 +24,11 @@ import torch
 from recon.dc import prox
 from recon.errors import InputError
 from recon.fft import fft2c
-from recon.operators import LinearOperator, SingleCoil
+from recon.operators import LinearOperator, Sense, SingleCoil, conjugate_gradient
 
 __all__ = [
     "estimate_sigma",
+    "residual_sigma",
     "sampled_count",
     "complex_normal",
     "probe",
@@ -80,6 +81,29 @@ def estimate_sigma(kspace: torch.Tensor, mask: torch.Tensor | None = None, outer
     v = torch.view_as_real(kspace[keep]).reshape(-1).double()
     mad = torch.median(torch.abs(v - torch.median(v)))
     return float(mad * _MAD_TO_STD * math.sqrt(2.0))
+
+
+@torch.no_grad()
+def residual_sigma(op: Sense, kspace: torch.Tensor, max_iter: int = 50) -> float | None:
+    """σ of the regression fit of the data by the forward model: ``σ² = ‖y − A x_ls‖² / (m − n)``.
+
+    ``x_ls`` is the SENSE least-squares image (CG on ``AᴴA x = Aᴴy``, ``max_iter`` iterations, from zero),
+    ``m`` the sampled complex entries, ``n`` the unknowns (pixels where ``Σ_c |S_c|² > 0``). Under the
+    model ``y = A x + n`` this is the unbiased noise variance of linear regression; anything the model
+    cannot explain (coil maps estimated from a few ACS lines, motion, a wrong mask) adds to it, so the
+    ratio to :func:`estimate_sigma`'s σ² measures the model's misfit. A CG stopped early leaves a larger
+    residual (σ errs high). Summed over the batch. None when ``m − n < m / 10`` (too few residual
+    degrees of freedom, e.g. one coil).
+    Shape: ``kspace`` ``(B, C, H, W)`` complex, the operator's shape.
+    """
+    y = kspace * (op.mask != 0)
+    m = sampled_count(op.mask, tuple(y.shape))
+    n = int(torch.count_nonzero(op.sens_maps.abs().pow(2).sum(dim=1) > 0))
+    if m - n < m / 10:
+        return None
+    x_ls = conjugate_gradient(op.normal, op.A_adjoint(y), 0.0, max_iter=max_iter, tol=1e-6).x
+    residual = float(torch.sum(torch.abs(op.A(x_ls) - y) ** 2))
+    return math.sqrt(residual / (m - n))
 
 
 def complex_normal(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32,

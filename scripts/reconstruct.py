@@ -45,7 +45,7 @@ Outputs (each file atomically):
 * ``DIR/metrics.json``: ``{method: {"psnr", "ssim", "nmse", "seconds_per_slice", ...}}``,
   fastMRI's volume-wise metrics averaged over volumes (when the files have targets);
   ``seconds_per_slice`` is the mean wall time of the method (sensitivity maps excluded, reported
-  on stdout); prior methods add the mean ``lam`` (and SURE's ``noise_sigma``).
+  on stdout); prior methods add the mean ``lam`` (and SURE's ``noise_sigma`` and the model ``misfit`` χ²).
 
 Bad input: ``error: <message>`` on stderr, exit code 2; arguments, site and the files' structure
 are checked before anything is written, and a bad value found while reading a slice stops the run

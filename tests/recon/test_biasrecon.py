@@ -14,7 +14,7 @@ from recon.dc import prox
 from recon.errors import InputError
 from recon.metrics import psnr
 from recon.operators import Sense
-from recon.sure import estimate_sigma
+from recon.sure import estimate_sigma, residual_sigma
 from scores.samplers import TweedieSampler  # the one sampler loop (recon sees it through a Protocol)
 
 H = W = 48
@@ -148,7 +148,7 @@ def test_sure_tracks_the_true_measurement_risk_of_the_final_prox():
     """Averaged over noise draws, SURE(λ) of the whole chain equals ‖A x₀(λ) − A x_true‖²."""
     op, _, img, sigma = _problem(sigma=0.05)
     st = BiasReconSettings(**{**SETTINGS, "sure": True, "lam_grid": (0.01, 1.0)}, adapt="none", noise_sigma=sigma,
-                           sure_refine=False)  # the two grid points only
+                           sure_refine=False, sure_sigma="noise")  # the two grid points, the true σ
     diffs = {lam: [] for lam in st.lam_grid}
     for draw in range(8):
         g = torch.Generator().manual_seed(100 + draw)
@@ -319,3 +319,33 @@ def test_sure_run_returns_the_fixed_lambda_chain_as_the_method_without_sure():
     without = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**{**st.__dict__, "sure": False})).run()
     torch.testing.assert_close(with_sure.fixed_image, without.image, rtol=1e-4, atol=1e-5)
     assert without.fixed_image is without.image
+
+
+def test_sure_weighs_its_divergence_with_the_regression_sigma_when_the_maps_do_not_explain_the_data():
+    """Data from one coil geometry, reconstructed with maps of another: the least-squares fit leaves χ² > 2
+    times the noise. ``sure_sigma="residual"`` (the default) runs SURE with the regression σ, which counts that
+    misfit as noise, and so keeps more of the prior (a larger λ) than SURE with the noise σ; with maps that
+    explain the data both σ agree to a few per cent."""
+    import sigpy.mri
+
+    op, y, _, sigma = _problem(sigma=0.02, density=0.5)
+    grid = dict(lam_grid=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), sure_refine=False)
+    for maps_radius, misfit_above in ((None, None), (1.0, 2.0)):
+        if maps_radius is not None:
+            maps = torch.from_numpy(sigpy.mri.birdcage_maps((COILS, H, W), r=maps_radius)).to(torch.complex64)[None]
+            op = Sense(maps, op.mask)
+        runs = {mode: _optimizer(BlurDenoiser(), op, y, BiasReconSettings(
+            **{**SETTINGS, "sure": True, **grid}, adapt="none", noise_sigma=sigma, sure_sigma=mode)).run()
+            for mode in ("noise", "residual")}
+        assert runs["noise"].sure_sigma == sigma
+        assert runs["residual"].sure_sigma == pytest.approx(residual_sigma(op, y))
+        assert runs["residual"].misfit == pytest.approx((residual_sigma(op, y) / sigma) ** 2)
+        if misfit_above is None:
+            assert runs["residual"].misfit == pytest.approx(1.0, abs=0.1)
+        else:
+            assert runs["residual"].misfit > misfit_above
+            assert runs["residual"].lam > 2 * runs["noise"].lam
+    no_sure = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**SETTINGS, adapt="none")).run()
+    assert no_sure.sure_sigma is None and no_sure.misfit is None
+    with pytest.raises(InputError, match="sure_sigma"):
+        BiasReconSettings(sure_sigma="corners")

@@ -1,4 +1,4 @@
-"""SURE: MC divergence vs exact Jacobian trace, SURE vs true risk over λ, σ estimate, λ search."""
+"""SURE: MC divergence vs exact Jacobian trace, SURE vs true risk over λ, σ estimates, λ search."""
 
 import math
 
@@ -15,6 +15,7 @@ from recon.sure import (
     estimate_sigma,
     mc_divergence,
     probe,
+    residual_sigma,
     sampled_count,
     search_lambda,
     sure_over_grid,
@@ -224,3 +225,38 @@ def test_sure_refinement_steps_past_a_grid_edge_to_an_interior_minimum():
         lams = sorted(lam for lam, _ in fine.curve)
         assert lams[0] < fine.lam < lams[-1]  # interior of what was evaluated
         assert abs(math.log(fine.lam / exact.lam)) < 0.2, (grid, fine.lam, exact.lam)
+
+
+def test_residual_sigma_is_the_least_squares_residual_of_numpy():
+    """σ² = ‖y − A x_ls‖² / (m − n) with x_ls from numpy's dense least squares (float64, converged CG)."""
+    h, w, c = 8, 6, 4
+    maps = torch.from_numpy(sigpy.mri.birdcage_maps((c, h, w))).to(DT)[None]
+    mask = torch.zeros(h, w, dtype=torch.float64)
+    mask[:, [0, 1, 3, 4]] = 1
+    op = Sense(maps, mask)
+    y = op.A(_phantom(h, w)) + mask * _complex_noise((1, c, h, w), 0.05, 7)
+    n_img = h * w
+    big = Sense(maps.expand(n_img, -1, -1, -1), mask)
+    a_mat = big.A(torch.eye(n_img, dtype=DT).reshape(n_img, 1, h, w)).reshape(n_img, -1).T.numpy()
+    x_ls, *_ = np.linalg.lstsq(a_mat, y.reshape(-1).numpy(), rcond=None)
+    m = sampled_count(mask, (1, c, h, w))
+    expected = math.sqrt(float(np.sum(np.abs(a_mat @ x_ls - y.reshape(-1).numpy()) ** 2)) / (m - n_img))
+    assert residual_sigma(op, y, max_iter=300) == pytest.approx(expected, rel=1e-4)
+
+
+def test_residual_sigma_is_the_noise_when_the_model_holds_and_grows_with_a_map_misfit():
+    """Exact maps: the regression σ is unbiased for the noise σ. Maps of another coil geometry: the data
+    are not explained (χ² > 2), while the corner estimate still sees only the noise."""
+    sigma = 0.02
+    op, y, _, img, _ = _phantom_problem(seed=4, sigma=sigma, h=96, w=64, coils=8)
+    assert residual_sigma(op, y, max_iter=200) == pytest.approx(sigma, rel=0.05)
+    wrong = Sense(torch.from_numpy(sigpy.mri.birdcage_maps((8, 96, 64), r=1.0)).to(DT)[None], op.mask)
+    misfit = (residual_sigma(wrong, y, max_iter=200) / estimate_sigma(y, op.mask)) ** 2
+    assert misfit > 2.0, misfit
+    assert estimate_sigma(y, op.mask) == pytest.approx(sigma, rel=0.1)
+
+
+def test_residual_sigma_needs_residual_degrees_of_freedom():
+    """One coil at 2×: fewer measurements than unknowns, no regression σ (None)."""
+    op, y, _, _, _ = _phantom_problem(seed=5, coils=1)
+    assert residual_sigma(op, y) is None

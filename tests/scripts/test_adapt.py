@@ -109,6 +109,8 @@ def test_outputs_are_fastmri_submissions_and_metrics_match_fastmri_evaluate(scan
     assert 0.01 / 10**4 - 1e-12 <= metrics["biasrecon"]["lam"] <= 0.1 * 10**4
     assert metrics["biasrecon"]["val_loss_best"] <= metrics["biasrecon"]["val_loss_zero"]  # the library's guard
     assert metrics["biasrecon"]["noise_sigma"] > 0  # estimated from k-space (checked below on known noise)
+    # χ² of the SENSE fit against the corner σ (SURE's σ is the regression σ): reported with SURE only
+    assert 0 < metrics["biasrecon"]["misfit"] < 1e3 and "misfit" not in metrics["unadapted"]
 
 
 def test_figures_profile_and_config_are_written(scan_run):
