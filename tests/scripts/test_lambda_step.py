@@ -1,0 +1,48 @@
+"""scripts/lambda_step.py: its table's gains are the per-slice differences of the records, and bad input exits 2
+before anything is computed or written."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("lambda_step_script", ROOT / "scripts" / "lambda_step.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(fixed, noise, residual, oracle, chi2):
+    return {"fixed": {"lam": 0.1, "psnr": fixed}, "sure_noise": {"lam": 0.01, "psnr": noise},
+            "sure_residual": {"lam": 1.0, "psnr": residual}, "oracle": {"lam": 0.3, "psnr": oracle}, "chi2": chi2}
+
+
+def test_report_gains_are_the_mean_and_worst_per_slice_differences():
+    script = _load()
+    records = {"a__b__4x": [_record(30.0, 29.0, 30.2, 30.5, 9.0), _record(32.0, 32.1, 31.9, 32.2, 3.0)],
+               "c__d__8x": [_record(20.0, 20.0, 20.0, 20.0, None)]}
+    table = script.report(records, "python scripts/lambda_step.py")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    slices, chi2, fixed, noise, residual, oracle = rows["a__b__4x"]
+    assert slices == "2" and chi2 == "3.0–9.0" and fixed == f"{np.mean([30.0, 32.0]):.2f}"
+    assert noise == "-0.45 (-1.00)" and residual == "+0.05 (-0.10)" and oracle == "+0.35"
+    assert rows["c__d__8x"][1] == "—"
+    assert rows["**all**"][0] == "3" and rows["**all**"][3] == f"{np.mean([-1.0, 0.1, 0.0]):+.2f} (-1.00)"
+
+
+def test_bad_cells_and_slice_counts_exit_2_naming_the_key(tmp_path, capsys):
+    script = _load()
+    assert script.main(["--cells", "knee_prior/source_brain/4", "--out", str(tmp_path / "o")]) == 2
+    assert "'--cells'" in capsys.readouterr().err
+    assert script.main(["--slices", "40", "--out", str(tmp_path / "o")]) == 2
+    assert "'--slices'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
