@@ -176,7 +176,7 @@ def load_matrix(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Matri
             cross = domains[domain].anatomy != _prior_anatomy(prior, domains)
             run = every + (adaptation if cross else ())
         cells.append(Cell(prior, domain, acceleration, run))
-    settings = settings_from_dotlist([f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+    settings = settings_from_dotlist([f"{k}={json.dumps(v) if isinstance(v, list) or v is None else v}"
                                       for k, v in (cfg.get("settings") or {}).items()])
     return MatrixSpec(priors, domains, tuple(cells), classical, tuple(float(g) for g in _need(cfg, "oracle_grid", where)),
                       int(cfg.get("slices", 6)), int(cfg.get("adaptation_slices", 4)), adaptation, settings,

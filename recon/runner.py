@@ -411,7 +411,8 @@ class MethodRecord:
         images: ``{item: (h, w) float32}`` raw-scale magnitude at the submission size.
         seconds: wall time of the method over the volume (maps excluded).
         lams / noise_sigmas / misfits: ``(value, slices)`` per batch (prior methods; misfit: the χ² of the
-            forward model's least-squares fit, :attr:`recon.biasrecon.BiasReconResult.misfit`, with SURE).
+            forward model's least-squares fit, :attr:`recon.biasrecon.BiasReconResult.misfit`); skipped: slices
+            whose calibration the misfit gate skipped.
         val_zero / val_best: validation held-out losses per batch (calibrating methods).
         first: the volume's first batch's result (prior methods).
     """
@@ -421,6 +422,7 @@ class MethodRecord:
     lams: list[tuple[float, int]] = field(default_factory=list)
     noise_sigmas: list[tuple[float, int]] = field(default_factory=list)
     misfits: list[tuple[float, int]] = field(default_factory=list)
+    skipped: int = 0
     val_zero: list[float] = field(default_factory=list)
     val_best: list[float] = field(default_factory=list)
     first: BiasReconResult | None = None
@@ -470,6 +472,8 @@ def _reconstruct_volume(plan: Plan, source: SliceSource, volume: int,
                 record.noise_sigmas.append((float(result.noise_sigma), len(items)))
             if result.misfit is not None:
                 record.misfits.append((float(result.misfit), len(items)))
+            if result.calibration_skipped is not None:
+                record.skipped += len(items)
             if result.val_loss_zero is not None:
                 record.val_zero.append(float(result.val_loss_zero))
                 record.val_best.append(float(result.val_loss_best))
@@ -519,7 +523,7 @@ def volume_record(records: dict[str, MethodRecord], target: np.ndarray | None, i
         entry: dict[str, Any] = {
             "metrics": None if target is None else _volume_metrics(target, pred, source),
             "seconds": record.seconds, "lams": record.lams, "noise_sigmas": record.noise_sigmas,
-            "misfits": record.misfits,
+            "misfits": record.misfits, "calibration_skipped": record.skipped,
             "val_zero": record.val_zero, "val_best": record.val_best, "first": None,
         }
         first = record.first
@@ -561,6 +565,9 @@ def compute_metrics(volume_records: Sequence[dict], count: int, shared: SharedGa
         misfits = [p for e in entries for p in e.get("misfits", [])]
         if misfits:
             entry["misfit"] = _weighted_mean(misfits)
+        skipped = sum(e.get("calibration_skipped", 0) for e in entries)
+        if skipped:
+            entry["calibration_skipped_slices"] = skipped
         val_zero = [v for e in entries for v in e["val_zero"]]
         if val_zero:
             entry["val_loss_zero"] = float(np.mean(val_zero))

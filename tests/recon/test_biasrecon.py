@@ -349,3 +349,30 @@ def test_sure_weighs_its_divergence_with_the_regression_sigma_when_the_maps_do_n
     assert no_sure.sure_sigma is None and no_sure.misfit is None
     with pytest.raises(InputError, match="sure_sigma"):
         BiasReconSettings(sure_sigma="corners")
+
+
+def test_calibration_is_skipped_where_the_coil_maps_do_not_explain_the_data():
+    """The misfit gate: with maps of another coil geometry (χ² > 2.5) the calibration does not run and the image is
+    the unadapted prior's; with the true maps, or with the gate off, it runs as before."""
+    import sigpy.mri
+
+    op, y, img, sigma = _problem(sigma=0.02, density=0.5)
+    wrong = Sense(torch.from_numpy(sigpy.mri.birdcage_maps((COILS, H, W), r=1.0)).to(torch.complex64)[None], op.mask)
+    base = {**SETTINGS, "adapt_fraction": 0.5}
+
+    def run(operator, **extra):
+        return _optimizer(BlurDenoiser(), operator, y, BiasReconSettings(**base, noise_sigma=sigma, **extra)).run()
+
+    gated = run(wrong)
+    assert gated.misfit > 2.5 and "misfit_limit" in gated.calibration_skipped
+    assert gated.history == [] and gated.val_loss_zero is None
+    torch.testing.assert_close(gated.image, run(wrong, adapt="none").image)
+    ungated = run(wrong, misfit_limit=None)
+    assert ungated.calibration_skipped is None and ungated.history and ungated.misfit is None
+    right = run(op)
+    assert right.misfit < 1.5 and right.calibration_skipped is None and right.history
+    oracle = BiasRecon(BlurDenoiser(), wrong, y, BiasReconSettings(**base, noise_sigma=sigma, calib_loss="reference"),
+                       sampler=SAMPLER, reference=img.abs()).run()
+    assert oracle.calibration_skipped is None and oracle.history  # the oracle bound is never gated
+    with pytest.raises(InputError, match="misfit_limit"):
+        BiasReconSettings(misfit_limit=-1.0)
