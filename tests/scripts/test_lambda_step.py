@@ -46,3 +46,22 @@ def test_bad_cells_and_slice_counts_exit_2_naming_the_key(tmp_path, capsys):
     assert script.main(["--slices", "40", "--out", str(tmp_path / "o")]) == 2
     assert "'--slices'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_gate_table_sets_the_slices_above_the_limit_to_the_unadapted_prior(tmp_path):
+    import json
+
+    script = _load()
+    records = tmp_path / "records"
+    psnr = {"unadapted": [30.0, 31.0, 32.0], "biasrecon_nosure": [29.0, 31.5, 32.2]}
+    for method, values in psnr.items():
+        for s, value in enumerate(values):
+            path = records / "p__d__4x" / method / f"{s:03d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"slice": s, "domain": "d", "acceleration": 4, "psnr_reference": value}))
+    chi2 = {("d", 4, 0): 9.0, ("d", 4, 1): 1.5, ("d", 4, 2): 3.0}
+    row = [line for line in script.gate_table(records, chi2, 2.5).splitlines() if line.startswith("| p__d__4x")][0]
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells == ["3", f"{np.mean([-1.0, 0.5, 0.2]):+.2f} (-1.00)", f"{np.mean([0.0, 0.5, 0.0]):+.2f} (+0.00)", "2"]
+    del chi2[("d", 4, 2)]  # a slice without a measured χ²: the cell is left out, not guessed
+    assert "p__d__4x" not in script.gate_table(records, chi2, 2.5)
