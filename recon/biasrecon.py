@@ -34,8 +34,8 @@ iterates already made consistent with ``y`` (on ``source_brain`` it chose λ 20�
 −2 dB); and choosing the chain's own λ by measurement-domain SURE cannot see the null-space
 error that λ also shapes (it preferred λ = 0.1 where λ = 0.003 was 1.7 dB better). A third:
 SURE weighs the divergence with σ, but when the estimated coil maps cannot explain the data (χ² of
-the least-squares fit 3–13 on the brain template and EPI), the measurement-domain risk is dominated by
-that misfit, and with the noise σ SURE chose λ ≈ 0.01 and lost up to 1 dB against λ = 0.1; σ is
+the least-squares fit 3–57 on the brain template and EPI), the measurement-domain risk is dominated by
+that misfit, and with the noise σ SURE chose λ ≈ 0.01 and lost up to 1.4 dB against λ = 0.1; σ is
 therefore the regression σ of that fit (``sure_sigma="residual"``), which counts the misfit as noise.
 
 recon/ sees the prior only through :class:`Prior` (``denoise(x, sigma)`` on complex
@@ -131,8 +131,8 @@ class BiasReconSettings:
         sure_sigma: the σ that SURE weighs its divergence with: "residual" (the regression σ of the data's
             SENSE least-squares fit, :func:`recon.sure.residual_sigma`: noise plus what the forward model —
             the estimated coil maps — cannot explain) or "noise" (``noise_sigma``). Measured
-            (``docs/results/lambda_step.md``): where the maps explain the data only to χ² = 3–13 times the
-            noise, SURE with the noise σ fits the misfit and chose λ 10× too small (−0.9 dB); "residual"
+            (``docs/results/lambda_step.md``): where the maps explain the data only to χ² = 3–57 times the
+            noise, SURE with the noise σ fits the misfit and chose λ 10× too small (up to −1.4 dB); "residual"
             falls back to "noise" when the data have too few residual degrees of freedom (one coil).
         misfit_limit: calibrate (every ``adapt`` mode with the held-out loss) only where the forward model explains
             the data: where χ² = (regression σ / noise σ)² exceeds it, the calibration is skipped and the prior stays

@@ -738,6 +738,11 @@ def _print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int,
                    else f"{'-':>7s} {'-':>7s} {'-':>9s}")
         lam = f"{entry['lam']:8.3g}" if "lam" in entry else f"{'-':>8s}"
         print(f"  {method:18s} {quality} {lam} {entry['seconds_per_slice']:8.2f}")
+    for method, entry in metrics.items():
+        if entry.get("calibration_skipped_slices"):
+            print(f"  {method}: not calibrated on {entry['calibration_skipped_slices']} slices — the coil maps leave "
+                  f"chi2 = {entry.get('misfit', float('nan')):.1f} times the noise unexplained "
+                  f"(biasrecon.misfit_limit = {plan.settings[method].misfit_limit:g}; docs/configuration.md)")
     if not any("psnr" in m for m in metrics.values()):
         print("  no targets in the data: metrics.json holds run facts only")
     print("wrote " + ", ".join(places))

@@ -335,3 +335,20 @@ def test_help_lists_the_bundled_priors(capsys):
     text = " ".join(capsys.readouterr().out.split())
     names = sorted(p.stem for p in PRIOR_FILE.parent.glob("*.safetensors"))  # the package's weights folder
     assert names and f"a bundled prior ({', '.join(names)})" in text
+
+
+def test_misfit_gate_leaves_the_prior_unadapted_and_says_so(tmp_path, capsys):
+    """A limit below the data's χ²: BiasRecon skips its calibration on every slice, says so, and its images are
+    those of the unadapted prior with SURE (the same λ-step on the same chain)."""
+    out = tmp_path / "out"
+    argv = ["--site", "unseen_center", "--out", str(out), "--max-slices", "2", *SITE, *FAST,
+            "biasrecon.misfit_limit=0.01", "methods=[biasrecon,unadapted_sure]"]
+    assert adapt.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "biasrecon: not calibrated on 2 slices" in printed and "misfit_limit = 0.01" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["biasrecon"]["calibration_skipped_slices"] == 2 and metrics["biasrecon"]["misfit"] > 0.01
+    written = sorted((out / "reconstructions" / "biasrecon").glob("*.h5"))
+    assert written
+    for path in written:
+        np.testing.assert_array_equal(_read(path), _read(out / "reconstructions" / "unadapted_sure" / path.name))
