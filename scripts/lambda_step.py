@@ -40,7 +40,7 @@ from recon.methods import prior_settings, slice_scores
 from recon.openworld import Workspace, load_matrix
 from recon.operators import Sense
 from recon.resources import config_path
-from recon.sure import probe, residual_sigma, sampled_count, sure_over_grid
+from recon.sure import probe, sampled_count, sure_over_grid
 from scores.checkpoints import CheckpointError
 from scores.priors import load_prior, resolve_prior
 from scores.samplers import TweedieSampler
@@ -65,7 +65,8 @@ def measure_slice(ws: Workspace, prior: str, domain: str, acceleration: int, ind
     settings = prior_settings(ws.spec.settings, "unadapted_sure")
     op = Sense(maps[None], sample.mask[None, None])
     recon = BiasRecon(ws.prior(prior), op, sample.kspace[None], settings, sampler=ws.sampler)
-    noise, residual = recon.noise_sigma, residual_sigma(op, recon.y)
+    noise = recon.noise_sigma  # BiasRecon measured the misfit χ² = (regression σ / noise σ)² already
+    residual = None if recon.misfit is None else noise * recon.misfit ** 0.5
     b = probe(op.mask, tuple(recon.y.shape), torch.Generator().manual_seed(settings.seed + 104729))
     eps = settings.sure_epsilon * noise
     ys = torch.cat([recon.y, recon.y + eps * b])
