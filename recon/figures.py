@@ -42,12 +42,16 @@ def _pyplot() -> Any:
 
 
 def comparison_figure(sample: Sample, images: dict[str, np.ndarray]) -> bytes:
-    """First slice: target, each method, and |error| maps under them (PSNR in the titles).
+    """First slice: the clean reference (simulated files) or else the target, each method, and |error|
+    maps under them (PSNR against it in the titles).
 
-    Shape: ``images`` ``{method: (h, w)}`` raw scale; the target is the Sample's, back on the raw scale.
+    Shape: ``images`` ``{method: (h, w)}`` raw scale; the reference is the Sample's, back on the raw scale.
     """
+    title = f"{sample.fname} slice {sample.slice_idx}"
+    if sample.reference is not None:
+        return panel_figure(sample.denormalize(sample.reference).numpy(), images, title, "clean reference")
     target = None if sample.target is None else sample.denormalize(sample.target).numpy()
-    return panel_figure(target, images, f"{sample.fname} slice {sample.slice_idx}", "target")
+    return panel_figure(target, images, title, "target")
 
 
 def trajectories_figure(history: list[dict], history_label: str, sure_curves: dict[str, dict]) -> bytes:

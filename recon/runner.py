@@ -41,6 +41,7 @@ from recon.biasrecon import BiasRecon, BiasReconResult, BiasReconSettings, Sampl
 from recon.coils import sensitivity_maps
 from recon.config import AdaptConfig, method_settings
 from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset
+from recon.data.fastmri_io import REFERENCE_KEY
 from recon.data.sites import SiteConfig
 from recon.data.transforms import center_crop, output_size, submission_slice
 from recon.errors import InputError
@@ -493,6 +494,16 @@ def _stored_target(dataset: FastMRISliceDataset, volume: int, items: Sequence[in
         return np.asarray(hf[info.target_key][[dataset.index[i][1] for i in items]])
 
 
+def _stored_reference(dataset: FastMRISliceDataset, volume: int, items: Sequence[int]) -> np.ndarray | None:
+    """The file's clean reference (raw scale, simulated files) of the reconstructed slices, or ``None``.
+    Shape ``(slices, h, w)``."""
+    info = dataset.volumes[volume]
+    if not info.has_reference:
+        return None
+    with h5py.File(info.path, "r") as hf:
+        return np.abs(np.asarray(hf[REFERENCE_KEY][[dataset.index[i][1] for i in items]]))
+
+
 def _volume_metrics(target: np.ndarray, pred: np.ndarray, source: str) -> dict[str, float]:
     """fastMRI's volume metrics on the common centre of target and prediction.
 
@@ -513,15 +524,17 @@ def _history_json(history: list[dict]) -> list[dict]:
 
 
 def volume_record(records: dict[str, MethodRecord], target: np.ndarray | None, items: Sequence[int],
-                  source: str = "target") -> dict:
+                  source: str = "target", reference: np.ndarray | None = None,
+                  reference_source: str = "reference") -> dict:
     """The JSON facts of one finished volume: per method the volume metrics (fastMRI's, against the
-    stored target ``source``), seconds, λ, σ, validation losses, and the first batch's trajectory
-    (prior methods)."""
+    stored target ``source`` and, for simulated files, against the clean ``reference`` as
+    ``metrics_clean``), seconds, λ, σ, validation losses, and the first batch's trajectory (prior methods)."""
     methods = {}
     for method, record in records.items():
         pred = np.stack([record.images[i] for i in items])
         entry: dict[str, Any] = {
             "metrics": None if target is None else _volume_metrics(target, pred, source),
+            "metrics_clean": None if reference is None else _volume_metrics(reference, pred, reference_source),
             "seconds": record.seconds, "lams": record.lams, "noise_sigmas": record.noise_sigmas,
             "misfits": record.misfits, "calibration_skipped": record.skipped,
             "val_zero": record.val_zero, "val_best": record.val_best, "first": None,
@@ -551,6 +564,9 @@ def compute_metrics(volume_records: Sequence[dict], count: int, shared: SharedGa
         per_volume = [e["metrics"] for e in entries if e["metrics"] is not None]
         if per_volume:
             entry.update({k: float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS})
+        per_volume = [e.get("metrics_clean") for e in entries if e.get("metrics_clean") is not None]
+        if per_volume:
+            entry.update({f"{k}_clean": float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS})
         seconds = sum(e["seconds"] for e in entries)
         calibrated_once = shared is not None and method in gamma_methods and shared.source == "site"
         if calibrated_once:
@@ -732,12 +748,20 @@ def _print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int,
     if kept is not None:
         calibrated = plan.shared is not None and plan.shared.source == "site"
         print(f"  γ: {kept.label}" + (f" ({plan.shared.seconds:.1f} s)" if calibrated else ""))
-    print(f"  {'method':18s} {'PSNR':>7s} {'SSIM':>7s} {'NMSE':>9s} {'lambda':>8s} {'s/slice':>8s}")
+    clean = any("psnr_clean" in m for m in metrics.values())
+    head = f" {'PSNR*':>7s} {'SSIM*':>7s}" if clean else ""
+    print(f"  {'method':18s} {'PSNR':>7s} {'SSIM':>7s} {'NMSE':>9s}{head} {'lambda':>8s} {'s/slice':>8s}")
     for method, entry in metrics.items():
         quality = (f"{entry['psnr']:7.2f} {entry['ssim']:7.4f} {entry['nmse']:9.4g}" if "psnr" in entry
                    else f"{'-':>7s} {'-':>7s} {'-':>9s}")
+        if clean:
+            quality += (f" {entry['psnr_clean']:7.2f} {entry['ssim_clean']:7.4f}" if "psnr_clean" in entry
+                        else f" {'-':>7s} {'-':>7s}")
         lam = f"{entry['lam']:8.3g}" if "lam" in entry else f"{'-':>8s}"
         print(f"  {method:18s} {quality} {lam} {entry['seconds_per_slice']:8.2f}")
+    if clean:
+        print("  PSNR / SSIM: against the files' target (fastMRI: RSS of the measured, noisy data); "
+              "PSNR* / SSIM*: against the clean reference (simulated data)")
     for method, entry in metrics.items():
         if entry.get("calibration_skipped_slices"):
             print(f"  {method}: not calibrated on {entry['calibration_skipped_slices']} slices — the coil maps leave "
@@ -782,7 +806,8 @@ def run(spec: RunSpec) -> int:
         images = {method: np.stack([r.images[i] for i in items]) for method, r in records.items()}
         facts = {"items": list(items), "slices": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in items],
                  **volume_record(records, _stored_target(dataset, v, items), items,
-                                 f"{dataset.volumes[v].path}: key '{dataset.volumes[v].target_key}'")}
+                                 f"{dataset.volumes[v].path}: key '{dataset.volumes[v].target_key}'",
+                                 _stored_reference(dataset, v, items), f"{dataset.volumes[v].path}: key '{REFERENCE_KEY}'")}
         if scan_profiles:  # written last of the volume's own files: a refused volume leaves nothing
             _save_first_gamma(plan, records, samples, own[0], _volume_profile(out, dataset.volumes[v].path))
         return images, facts, [seconds]

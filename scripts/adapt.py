@@ -55,11 +55,13 @@ Outputs (each file atomically; never into the input folder):
   ``recon_size`` (the header's ``reconSpace``) when the file has one, else to the target's size,
   else at the k-space matrix (fastMRI's submission format; ``reconstruct.py`` writes the same).
 * ``DIR/metrics.json``: ``{method: {"psnr", "ssim", "nmse", "seconds_per_slice", "lam", ...}}`` —
-  fastMRI's volume-wise metrics averaged over volumes (only when the files have targets), the
+  fastMRI's volume-wise metrics averaged over volumes (only when the files have targets; simulated
+  files also give ``psnr_clean``, ``ssim_clean``, ``nmse_clean`` against their clean reference), the
   mean wall time per slice (sensitivity maps excluded; in mode site the calibration time is
   shared over the slices), the mean λ used, and for calibrating methods the validation held-out
   loss at γ = 0 and at the kept γ (``val_loss_zero``, ``val_loss_best``).
-* ``DIR/figures/comparison.png`` (first slice: target, unadapted, BiasRecon and |error| maps),
+* ``DIR/figures/comparison.png`` (first slice: the clean reference of simulated files, else the
+  target; unadapted, BiasRecon and |error| maps),
   ``DIR/figures/trajectories.png`` (held-out loss per calibration step; SURE curve λ vs SURE),
   ``DIR/figures/gamma.png`` (the kept γ, layers × bands).
 * ``DIR/profile.json`` (see above), ``DIR/profiles/<file>.json`` (mode scan: each volume's first
