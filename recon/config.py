@@ -135,9 +135,7 @@ def method_settings(config: AdaptConfig, method: str) -> BiasReconSettings:
     Raises:
         InputError: invalid settings (checked by :class:`BiasReconSettings`).
     """
-    values = dataclasses.asdict(config.biasrecon)
-    values["lam_grid"] = tuple(float(v) for v in values["lam_grid"])
-    return prior_settings(BiasReconSettings(**values), method)
+    return prior_settings(BiasReconSettings(**dataclasses.asdict(config.biasrecon)), method)
 
 
 def settings_from_dotlist(items: Sequence[str], where: str = "command line") -> BiasReconSettings:
@@ -159,7 +157,6 @@ def settings_from_dotlist(items: Sequence[str], where: str = "command line") -> 
             raise InputError(f"{where}: override {item!r} is not a BiasReconSettings field of the right type "
                              f"({detail}), expected e.g. num_steps=30.") from None
     values = OmegaConf.to_container(cfg)
-    values["lam_grid"] = tuple(float(v) for v in values["lam_grid"])
     try:
         return BiasReconSettings(**values)
     except InputError as exc:

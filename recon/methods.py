@@ -214,8 +214,6 @@ def prior_settings(base: BiasReconSettings, method: str, params: Mapping[str, An
     if row.kind != "prior":
         raise InputError(f"method: key 'method' is {method!r}, expected a prior method ({', '.join(PRIOR_METHODS)}).")
     values = {**row.changes, **dict(params or {})}
-    if "lam_grid" in values:
-        values["lam_grid"] = tuple(float(v) for v in values["lam_grid"])
     try:
         return dataclasses.replace(base, **values)
     except TypeError as exc:  # a value of the wrong type inside the settings' own checks

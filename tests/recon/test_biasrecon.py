@@ -74,7 +74,9 @@ def test_calibration_lowers_the_heldout_loss_of_a_miscalibrated_prior():
     """The θ-steps find γ that undo most of a 0.8×0.8 gain: the whole chain, run on y_Θv alone,
     predicts the held-out k-space y_Λv better than at γ = 0 (the quantity the method optimises)."""
     op, y, _, _ = _problem()
-    adapted = _optimizer(BlurDenoiser(width=0.5), op, y, BiasReconSettings(**SETTINGS, adapt="gamma")).run()
+    # the θ-steps' own fit: the guard keeps the whole γ or nothing (its scaled candidates are tested below)
+    adapted = _optimizer(BlurDenoiser(width=0.5), op, y,
+                         BiasReconSettings(**SETTINGS, adapt="gamma", guard_scales=(1.0,))).run()
     assert adapted.val_loss_best < 0.97 * adapted.val_loss_zero
     low_band = adapted.gamma[:, 0]
     assert bool((low_band > 0.2).all()) and bool((low_band < 0.6).all())  # (1 + γ)² · 0.64 ≈ 1 needs γ ≈ 0.25
@@ -94,6 +96,32 @@ def test_guard_restores_gamma_zero_when_adaptation_hurts_the_reconstruction():
     x = torch.randn(1, 1, H, W, dtype=torch.complex64)
     torch.testing.assert_close(prior.denoise(x, 0.1), BlurDenoiser().denoise(x, 0.1), rtol=0, atol=0)
     assert not any(conv._forward_hooks for conv in prior.blocks)
+
+
+@pytest.mark.parametrize("lr", [0.03, 1.0])
+def test_guard_scales_keep_the_candidate_whose_chain_predicts_the_heldout_data_best(lr):
+    """guard_scales (0.25, 0.5, 1), the default: the same calibration as (1,), then the guard keeps t·γ_best for the t whose
+    chain on y_Θv predicts y_Λv best (recomputed here for each candidate), or γ = 0 if none beats it."""
+    op, y, _, _ = _problem()
+    settings = {**SETTINGS, "lr": lr}
+    single = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**settings, adapt="gamma", guard_scales=(1.0,)))
+    single.calibrate()
+    scales = (0.25, 0.5, 1.0)
+    several = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**settings, adapt="gamma", guard_scales=scales))
+    several.calibrate()
+    kept = several.params[0].detach().clone()
+    gamma_best = torch.tensor(several.history[-1]["gamma"])  # the θ-steps' best γ, before the guard
+    assert gamma_best.tolist() == single.history[-1]["gamma"]  # the same calibration
+    losses = {}
+    probe = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**settings, adapt="gamma"))
+    for t in (0.0, *scales):
+        probe._set_params([t * gamma_best.reshape(probe.params[0].shape)])
+        losses[t] = probe.chain_heldout_loss()
+    chosen = min(losses, key=losses.get)
+    assert several.val_loss_zero == pytest.approx(losses[0.0], rel=1e-5)
+    assert several.val_loss_best == pytest.approx(losses[chosen], rel=1e-5)
+    torch.testing.assert_close(kept, chosen * gamma_best.reshape(kept.shape), rtol=1e-5, atol=1e-6)
+    assert several.val_loss_best <= single.val_loss_best + 1e-6  # never worse than keep-or-nothing
 
 
 def test_full_finetuning_leaves_the_prior_untouched_and_respects_the_guard():
@@ -172,6 +200,10 @@ def test_bad_settings_and_shapes_are_refused():
         BiasReconSettings(sigma_start=0.01, sigma_end=0.1)
     with pytest.raises(InputError, match="adapt"):
         BiasReconSettings(adapt="everything")
+    for scales in ((), (0.0, 1.0), (float("nan"),), ("half",)):
+        with pytest.raises(InputError, match="guard_scales"):
+            BiasReconSettings(guard_scales=scales)
+    assert BiasReconSettings(guard_scales=[1, 0.5]).guard_scales == (1.0, 0.5)  # a YAML list becomes floats
     with pytest.raises(InputError, match="expected"):
         _optimizer(BlurDenoiser(), op, y[..., :-1], BiasReconSettings(**SETTINGS))
 
