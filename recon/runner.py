@@ -485,23 +485,13 @@ def _reconstruct_volume(plan: Plan, source: SliceSource, volume: int,
     return records, samples, map_seconds
 
 
-def _stored_target(dataset: FastMRISliceDataset, volume: int, items: Sequence[int]) -> np.ndarray | None:
-    """The file's stored target (raw scale) of the reconstructed slices, or ``None``. Shape ``(slices, h, w)``."""
-    info = dataset.volumes[volume]
-    if info.target_key is None:
+def _stored(dataset: FastMRISliceDataset, volume: int, items: Sequence[int], key: str | None) -> np.ndarray | None:
+    """The file's stored image ``key`` (raw scale: its target, or the clean reference of simulated files) of the
+    reconstructed slices as magnitudes, or ``None`` without ``key``. Shape ``(slices, h, w)``."""
+    if key is None:
         return None
-    with h5py.File(info.path, "r") as hf:
-        return np.asarray(hf[info.target_key][[dataset.index[i][1] for i in items]])
-
-
-def _stored_reference(dataset: FastMRISliceDataset, volume: int, items: Sequence[int]) -> np.ndarray | None:
-    """The file's clean reference (raw scale, simulated files) of the reconstructed slices, or ``None``.
-    Shape ``(slices, h, w)``."""
-    info = dataset.volumes[volume]
-    if not info.has_reference:
-        return None
-    with h5py.File(info.path, "r") as hf:
-        return np.abs(np.asarray(hf[REFERENCE_KEY][[dataset.index[i][1] for i in items]]))
+    with h5py.File(dataset.volumes[volume].path, "r") as hf:
+        return np.abs(np.asarray(hf[key][[dataset.index[i][1] for i in items]]))
 
 
 def _volume_metrics(target: np.ndarray, pred: np.ndarray, source: str) -> dict[str, float]:
@@ -801,13 +791,15 @@ def run(spec: RunSpec) -> int:
 
     def compute(k: int) -> tuple[dict[str, np.ndarray], dict, list[float]]:
         v, items = order[k]
+        info = dataset.volumes[v]
         own = [b for b in batches if b[0] in items]
         records, samples, seconds = _reconstruct_volume(plan, source, v, own)
         images = {method: np.stack([r.images[i] for i in items]) for method, r in records.items()}
         facts = {"items": list(items), "slices": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in items],
-                 **volume_record(records, _stored_target(dataset, v, items), items,
-                                 f"{dataset.volumes[v].path}: key '{dataset.volumes[v].target_key}'",
-                                 _stored_reference(dataset, v, items), f"{dataset.volumes[v].path}: key '{REFERENCE_KEY}'")}
+                 **volume_record(records, _stored(dataset, v, items, info.target_key), items,
+                                 f"{info.path}: key '{info.target_key}'",
+                                 _stored(dataset, v, items, REFERENCE_KEY if info.has_reference else None),
+                                 f"{info.path}: key '{REFERENCE_KEY}'")}
         if scan_profiles:  # written last of the volume's own files: a refused volume leaves nothing
             _save_first_gamma(plan, records, samples, own[0], _volume_profile(out, dataset.volumes[v].path))
         return images, facts, [seconds]
