@@ -551,12 +551,10 @@ def compute_metrics(volume_records: Sequence[dict], count: int, shared: SharedGa
     for method in volume_records[0]["methods"]:
         entries = [r["methods"][method] for r in volume_records]
         entry: dict[str, float] = {}
-        per_volume = [e["metrics"] for e in entries if e["metrics"] is not None]
-        if per_volume:
-            entry.update({k: float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS})
-        per_volume = [e.get("metrics_clean") for e in entries if e.get("metrics_clean") is not None]
-        if per_volume:
-            entry.update({f"{k}_clean": float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS})
+        for against, suffix in (("metrics", ""), ("metrics_clean", "_clean")):  # the target, the clean reference
+            per_volume = [e[against] for e in entries if e.get(against) is not None]
+            if per_volume:
+                entry.update({k + suffix: float(np.mean([vm[k] for vm in per_volume])) for k in METRIC_KEYS})
         seconds = sum(e["seconds"] for e in entries)
         calibrated_once = shared is not None and method in gamma_methods and shared.source == "site"
         if calibrated_once:
