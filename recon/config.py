@@ -173,6 +173,8 @@ def _checked(cfg: Any, where: str) -> AdaptConfig:
         config: AdaptConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise InputError(f"{where}: {omegaconf_message(exc)} cannot be resolved, expected a plain value.") from None
+    if isinstance(config.maps, str) and config.maps.lower() == "true":  # `maps=true` / `maps: true` read as a YAML boolean
+        config.maps = "true"
     if config.maps not in ("espirit", "true"):
         raise InputError(f"{where}: key 'maps' is {config.maps!r}, expected 'espirit' or 'true'.")
     if config.device not in ("auto", "cpu", "cuda"):

@@ -241,6 +241,7 @@ def test_overrides_reach_the_typed_settings():
     assert (method_settings(config, "unadapted").adapt, method_settings(config, "unadapted").sure) == \
         ("none", False)
     assert split_overrides(["mode=site", "site.noise.sigma=0.1"]) == (["mode=site"], ["noise.sigma=0.1"])
+    assert load_config(DEFAULT_CONFIG, ["maps=true"]).maps == "true"  # YAML reads `true` as a boolean
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +265,7 @@ def _assert_bad_input(capsys, out: Path, argv: list[str], fragment: str) -> None
         (["biasrecon.num_steps=many"], "biasrecon.num_steps"),
         (["site.acquisition.nope=1"], "acquisition.nope"),
         (["mode=sometimes"], "'mode'"),
+        (["maps=false"], "'maps'"),
         (["methods=[biasrecon,magic]"], "'methods'"),
         (["no_equals_sign"], "key=value"),
         (["calibration.bands=6"], "variables"),  # 18 blocks x 6 bands > 99 calibration variables
