@@ -56,7 +56,7 @@ from torch import nn
 
 from recon.adapt.calibration import FrequencyCalibration
 from recon.adapt.lora import LoRA
-from recon.adapt.selfsup import KSpaceSplit, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, acs_mask, density_weights, heldout_loss, split_mask, theta_operator
 from recon.coils import detect_acs
 from recon.data.transforms import center_crop
 from recon.dc import prox
@@ -157,6 +157,11 @@ class BiasReconSettings:
             of the central ``acs_fraction``; the held-out entries then all lie outside the scan's
             auto-calibration region, where the prior — not coil sensitivities — predicts them. A scan
             that samples nothing outside its centre falls back to ``acs_fraction``.
+        heldout_weighting: "density" weighs the held-out loss (θ-steps and guard) by the inverse sampling density of
+            the scan's mask (:func:`recon.adapt.selfsup.density_weights`), so that it scores the error over the
+            k-space the mask reaches rather than where it samples densely; "none": unweighted. No change for 1-D
+            masks with fewer than 128 sampled columns outside the centre (every site here). Measured on a
+            prospective 2-D Poisson R = 8 case (``docs/results/priors.md``).
     """
 
     num_steps: int = 20
@@ -187,6 +192,7 @@ class BiasReconSettings:
     seed: int = 0
     calib_iterate: str = "theta"
     acs_auto: bool = True
+    heldout_weighting: str = "density"
 
     def __post_init__(self) -> None:
         for name in ("lam_grid", "guard_scales"):  # lists from YAML / the command line: tuples of floats
@@ -219,6 +225,8 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.lam_rule must be 'fixed' or 'noise', got {self.lam_rule!r}")
         if not (self.prior_error > 0 and math.isfinite(self.prior_error)):
             raise InputError(f"biasrecon.prior_error must be a positive number, got {self.prior_error}")
+        if self.heldout_weighting not in ("density", "none"):
+            raise InputError(f"biasrecon.heldout_weighting must be 'density' or 'none', got {self.heldout_weighting!r}")
         if self.calib_iterate not in ("full", "theta"):
             raise InputError(f"biasrecon.calib_iterate must be 'full' or 'theta', got {self.calib_iterate!r}")
         if self.lam <= 0 or not self.lam_grid or min(self.lam_grid) <= 0:
@@ -409,6 +417,7 @@ class BiasRecon:
         self.calibrated = False  # calibrate() has run (calibrate() then run() calibrates once)
         self.calib_op, self.calib_y, self.calib_lambda = op, kspace, None
         self.x: torch.Tensor | None = None  # the calibration's own iterate
+        self.heldout_weight = self._heldout_weight() if self.params and settings.calib_loss == "heldout" else None
         if self.params and self.calibration_skipped is None:  # the calibration's own iterate (x_step_chain starts afresh)
             self._setup_validation()  # Λ_v first: the calibration only ever sees y_Θv
             if settings.calib_iterate == "theta" and self.reference is None:  # a fixed split: never sees y_Λc
@@ -453,25 +462,52 @@ class BiasRecon:
         """Θ/Λ split of each scan's sampled set (``mask``, default the operator's); ``(H, W)`` or ``(B, 1, H, W)``
         like the mask."""
         mask = self.op.mask if mask is None else mask
+
+        def one(m: torch.Tensor) -> KSpaceSplit:
+            return split_mask(m, generator=generator, ratio=self.s.split_ratio, acs=self._acs(m))
+
+        splits = [one(m) for m in self._scan_masks(mask)]
+        if len(splits) == 1:
+            return splits[0].theta, splits[0].lam
+        return torch.stack([t.theta for t in splits])[:, None], torch.stack([t.lam for t in splits])[:, None]
+
+    def _scan_masks(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The ``(H, W)`` mask of each scan: one for an ``(H, W)`` (or shared) mask, else one per batch item."""
         h, w = self.op.shape[-2:]
         if mask.dim() < 2:
             mask = mask.expand(h, w)
-
-        def one(m: torch.Tensor) -> KSpaceSplit:
-            acs: float | torch.Tensor = self.s.acs_fraction
-            if self.s.acs_auto:
-                centre = detect_acs(m)
-                if bool(((m != 0) & (centre == 0)).any()):  # else nothing outside it to hold out
-                    acs = centre
-            return split_mask(m, generator=generator, ratio=self.s.split_ratio, acs=acs)
-
         if mask.dim() == 2 or mask.shape[:-2].numel() == 1:
-            split = one(mask.reshape(h, w))
-            return split.theta, split.lam
+            return [mask.reshape(h, w)]
         if mask.dim() != 4 or mask.shape[1] != 1:
             raise InputError(f"BiasRecon needs a mask of shape (H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
-        splits = [one(m[0]) for m in mask.expand(self.op.shape[0], 1, h, w)]
-        return torch.stack([t.theta for t in splits])[:, None], torch.stack([t.lam for t in splits])[:, None]
+        return [m[0] for m in mask.expand(self.op.shape[0], 1, h, w)]
+
+    def _acs(self, m: torch.Tensor) -> float | torch.Tensor:
+        """The region of one scan's ``(H, W)`` mask kept in Θ: its own fully sampled centre (``acs_auto``, when
+        something is sampled outside it), else the central ``acs_fraction``."""
+        if self.s.acs_auto:
+            centre = detect_acs(m)
+            if bool(((m != 0) & (centre == 0)).any()):  # else nothing outside it to hold out
+                return centre
+        return self.s.acs_fraction
+
+    def _heldout_weight(self) -> torch.Tensor | None:
+        """The held-out loss's weights (``heldout_weighting="density"``: :func:`density_weights` of each scan's mask),
+        ``(H, W)`` or ``(B, 1, H, W)`` like the mask; None for the unweighted loss."""
+        if self.s.heldout_weighting == "none":
+            return None
+        weights = []
+        for m in self._scan_masks(self.op.mask):
+            acs = self._acs(m)
+            if not isinstance(acs, torch.Tensor):
+                row_constant = bool(torch.equal(m != 0, (m[:1] != 0).expand_as(m)))
+                acs = acs_mask(tuple(m.shape), acs, row_constant)
+            weights.append(density_weights(m, acs))
+        if all(wt is None for wt in weights):
+            return None
+        weights = [torch.where(m != 0, 1.0, 0.0).to(torch.float32) if wt is None else wt
+                   for wt, m in zip(weights, self._scan_masks(self.op.mask))]
+        return weights[0] if len(weights) == 1 else torch.stack(weights)[:, None]
 
     def _setup_validation(self) -> None:
         vgen = torch.Generator().manual_seed(self.s.seed + 7919)
@@ -496,7 +532,7 @@ class BiasRecon:
         (:func:`recon.adapt.selfsup.heldout_loss`) or, for the oracle, the error against the reference."""
         if self.reference is not None:
             return reference_loss(x, self.reference)
-        return heldout_loss(self.op, self.y, x, held)
+        return heldout_loss(self.op, self.y, x, held, self.heldout_weight)
 
     def _set_params(self, values: list[torch.Tensor]) -> None:
         with torch.no_grad():

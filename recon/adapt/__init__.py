@@ -15,7 +15,7 @@ from recon.adapt.calibration import (
     radial_bands,
 )
 from recon.adapt.profiles import SiteProfile, apply_profile, calibrated_prior, load_profile, save_profile
-from recon.adapt.selfsup import KSpaceSplit, acs_mask, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, acs_mask, density_weights, heldout_loss, split_mask, theta_operator
 from recon.coils import detect_acs  # the one centre detector, re-exported for the Θ/Λ split's users
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "calibrated_prior",
     "candidate_layers",
     "default_band_edges",
+    "density_weights",
     "load_profile",
     "radial_bands",
     "save_profile",

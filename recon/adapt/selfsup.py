@@ -20,7 +20,7 @@ from recon.errors import InputError
 from recon.masks import center_box
 from recon.operators import Sense, SingleCoil
 
-__all__ = ["KSpaceSplit", "split_mask", "acs_mask", "theta_operator", "heldout_loss"]
+__all__ = ["KSpaceSplit", "split_mask", "acs_mask", "theta_operator", "heldout_loss", "density_weights"]
 
 
 class KSpaceSplit(NamedTuple):
@@ -138,6 +138,55 @@ def split_mask(
     return KSpaceSplit(theta=theta_f, lam=lam_f)
 
 
+def density_weights(mask: torch.Tensor, acs: torch.Tensor, min_count: int = 64,
+                    max_bins: int = 16) -> torch.Tensor | None:
+    """Density compensation of the held-out loss: ``w = 1 / p``, ``p`` the mask's sampling density outside the ACS.
+
+    Λ is drawn uniformly from the sampled non-ACS entries, so an entry lies in Λ with probability ∝ ``p(k)``, and
+    ``Σ_{k∈Λ} w(k)|r(k)|²`` estimates the error over all of the non-ACS k-space the mask reaches, not only
+    where it samples densely (a variable-density mask holds out mostly low frequencies; unweighted, the loss
+    rewards a prior that trades high-frequency error for low-frequency error).
+    Maths: units are the sampled columns (row-constant masks) or entries; their distance from the centre
+    ``u = |k_x|/(W/2)`` (columns) or ``√((k_y/(H/2))² + (k_x/(W/2))²)``; the sampled non-ACS units are cut at
+    the quantiles of ``u`` into ``clip(n // min_count, 1, max_bins)`` bins of equal count (≥ ``min_count``
+    sampled units each), ``p`` = sampled / candidate units (non-ACS) per bin; ``w`` is normalised to mean 1
+    over the sampled non-ACS entries. One bin — every 1-D mask with fewer than ``2·min_count`` sampled
+    columns outside its centre — is no compensation: returns None (the unweighted loss).
+    Shape: ``mask`` and ``acs`` ``(H, W)`` 0/1; returns ``(H, W)`` float32 (0 outside the sampled non-ACS
+    entries) or None.
+    """
+    if mask.dim() != 2 or tuple(acs.shape) != tuple(mask.shape):
+        raise InputError(f"density_weights: mask and acs must be (H, W) of one shape, got {tuple(mask.shape)} "
+                         f"and {tuple(acs.shape)}.")
+    sampled, acs_region = mask.detach().cpu() != 0, acs.detach().cpu() != 0
+    height, width = sampled.shape
+    kx = (torch.arange(width, dtype=torch.float64) - width // 2).abs() / (width / 2)
+    if bool(torch.equal(sampled, sampled[:1].expand_as(sampled))):  # 1-D: units are columns
+        candidate = ~acs_region.any(dim=0)
+        taken, u = sampled[0] & candidate, kx
+    else:
+        ky = (torch.arange(height, dtype=torch.float64) - height // 2).abs() / (height / 2)
+        candidate = ~acs_region
+        taken, u = sampled & candidate, torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+    n = int(taken.sum())
+    bins = min(max(n // min_count, 1), max_bins)
+    if bins == 1:
+        return None
+    edges = torch.quantile(u[taken], torch.linspace(0, 1, bins + 1, dtype=torch.float64))
+    edges[0], edges[-1] = -1.0, float(u[taken].max())  # the last bin ends at the farthest sample: no corners
+    index = (torch.bucketize(u, edges[1:-1], right=True)).clamp(max=bins - 1)
+    reach = u <= edges[-1]
+    density = torch.zeros(bins, dtype=torch.float64)
+    for b in range(bins):
+        within = (index == b) & candidate & reach
+        density[b] = (taken & within).sum() / within.sum().clamp(min=1)
+    weight = torch.where(taken, 1.0 / density[index].clamp(min=1e-12), torch.zeros((), dtype=torch.float64))
+    weight = weight / weight[taken].mean()
+    if weight.dim() == 1:
+        weight = weight.expand(height, width)
+    return weight.to(torch.float32).to(mask.device).contiguous()
+
+
 def theta_operator(op: Sense, theta: torch.Tensor) -> Sense:
     """The same operator restricted to ``Θ``: same maps, mask ``Θ`` (operators are immutable).
 
@@ -151,11 +200,13 @@ def theta_operator(op: Sense, theta: torch.Tensor) -> Sense:
     raise InputError(f"theta_operator: expected a Sense or SingleCoil operator, got {type(op).__name__}.")
 
 
-def heldout_loss(op: Sense, y: torch.Tensor, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def heldout_loss(op: Sense, y: torch.Tensor, x: torch.Tensor, lam: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised held-out k-space error, averaged over the batch; differentiable in ``x``.
 
-    Maths: ``mean_i ‖M_Λ (F S x_i) − M_Λ y_i‖² / ‖M_Λ y_i‖²`` (``Λ ⊆ Ω``, binary masks, so
-    ``M_Λ M_Ω = M_Λ``); invariant to a common scale of ``x`` and ``y``.
+    Maths: ``mean_i ‖M_Λ (F S x_i) − M_Λ y_i‖²_w / ‖M_Λ y_i‖²_w`` (``Λ ⊆ Ω``, binary masks, so
+    ``M_Λ M_Ω = M_Λ``; ``‖r‖²_w = Σ_k w(k)|r(k)|²``, ``w = 1`` without ``weight``, e.g. :func:`density_weights`);
+    invariant to a common scale of ``x`` and ``y``.
     Shape: ``y`` ``(B, C, H, W)`` complex; ``x`` ``(B, 1, H, W)`` complex; ``lam`` broadcastable
     to ``y`` (typically ``(H, W)``); returns a real scalar.
 
@@ -164,6 +215,7 @@ def heldout_loss(op: Sense, y: torch.Tensor, x: torch.Tensor, lam: torch.Tensor)
         y: Measured k-space.
         x: Image estimate (consistent with ``y_Θ`` only).
         lam: The held-out mask ``M_Λ``.
+        weight: Non-negative weights per k-space entry, broadcastable to ``y`` (None: all 1).
 
     Raises:
         InputError: shapes that do not fit, or a batch item with no energy on ``Λ``.
@@ -184,5 +236,11 @@ def heldout_loss(op: Sense, y: torch.Tensor, x: torch.Tensor, lam: torch.Tensor)
     energy = (y_held.real.square() + y_held.imag.square()).sum(dim=dims)
     if bool((energy == 0).any()):
         raise InputError("heldout_loss: y has no energy on the held-out set Λ for some batch item; expected Λ ⊆ Ω.")
-    error = (residual.real.square() + residual.imag.square()).sum(dim=dims)
-    return (error / energy).mean()
+    error = residual.real.square() + residual.imag.square()
+    if weight is not None:
+        weight = weight.to(device=y.device, dtype=y.real.dtype)
+        energy = (weight * (y_held.real.square() + y_held.imag.square())).sum(dim=dims)
+        if bool((energy == 0).any()):
+            raise InputError("heldout_loss: the weights leave no energy on the held-out set Λ for some batch item.")
+        error = weight * error
+    return (error.sum(dim=dims) / energy).mean()

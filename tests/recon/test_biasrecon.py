@@ -1,5 +1,6 @@
 """BiasRecon: the guard, determinism, the SURE λ-step, and a measured gain from calibration."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import sigpy.mri
 import torch
 from torch import nn
 
+from recon.adapt import density_weights, detect_acs, heldout_loss
 from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.dc import prox
 from recon.errors import InputError
@@ -204,6 +206,8 @@ def test_bad_settings_and_shapes_are_refused():
         with pytest.raises(InputError, match="guard_scales"):
             BiasReconSettings(guard_scales=scales)
     assert BiasReconSettings(guard_scales=[1, 0.5]).guard_scales == (1.0, 0.5)  # a YAML list becomes floats
+    with pytest.raises(InputError, match="heldout_weighting"):
+        BiasReconSettings(heldout_weighting="voronoi")
     with pytest.raises(InputError, match="expected"):
         _optimizer(BlurDenoiser(), op, y[..., :-1], BiasReconSettings(**SETTINGS))
 
@@ -408,3 +412,28 @@ def test_calibration_is_skipped_where_the_coil_maps_do_not_explain_the_data():
     assert oracle.calibration_skipped is None and oracle.history  # the oracle bound is never gated
     with pytest.raises(InputError, match="misfit_limit"):
         BiasReconSettings(misfit_limit=-1.0)
+
+
+def test_heldout_loss_is_density_weighted_on_a_variable_density_mask_only():
+    op, y, img, sigma = _problem()  # 1-D columns: no compensation, the unweighted loss
+    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta", "acs_auto": True}, adapt="gamma")
+    br = _optimizer(BlurDenoiser(), op, y, st)
+    assert br.heldout_weight is None
+    br.calibration.detach()
+    g = torch.Generator().manual_seed(5)  # a 2-D mask, dense at the centre: p = 0.9 (1 − u)² + 0.05
+    k = (torch.arange(H, dtype=torch.float32) - H // 2).abs() / (H / 2)
+    u = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
+    mask = (torch.rand(H, W, generator=g) < 0.9 * (1 - u).clamp(min=0) ** 2 + 0.05).float()
+    mask[H // 2 - 3: H // 2 + 3, W // 2 - 3: W // 2 + 3] = 1
+    op2 = Sense(op.sens_maps, mask)
+    y2 = op2.A(img) + mask * sigma / math.sqrt(2) * torch.view_as_complex(torch.randn(1, COILS, H, W, 2, generator=g))
+    br = _optimizer(BlurDenoiser(), op2, y2, st)
+    expected = density_weights(mask, detect_acs(mask))
+    assert expected is not None and torch.equal(br.heldout_weight, expected)
+    x = op2.A_adjoint(y2)
+    assert torch.equal(br._loss(x, br.val_lambda), heldout_loss(op2, y2, x, br.val_lambda, expected))
+    assert not torch.isclose(br._loss(x, br.val_lambda), heldout_loss(op2, y2, x, br.val_lambda))
+    br.calibration.detach()
+    none = _optimizer(BlurDenoiser(), op2, y2, dataclasses.replace(st, heldout_weighting="none"))
+    assert none.heldout_weight is None
+    none.calibration.detach()

@@ -6,7 +6,7 @@ import sigpy.mri
 import torch
 from torch import nn
 
-from recon.adapt import FrequencyCalibration, detect_acs, heldout_loss, split_mask, theta_operator
+from recon.adapt import FrequencyCalibration, density_weights, detect_acs, heldout_loss, split_mask, theta_operator
 from recon.dc import prox
 from recon.errors import InputError
 from recon.masks import center_box, make_mask
@@ -138,6 +138,57 @@ def test_heldout_loss_gradient_is_the_adjoint_residual():
     energy = (lam * y).abs().square().sum(dim=(1, 2, 3)).view(-1, 1, 1, 1)
     expected = 2 * op.A_adjoint(lam * (op.A(x.detach()) - y)) / (2 * energy)
     assert torch.allclose(x.grad, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_weighted_heldout_loss_is_the_weighted_formula_and_ones_change_nothing():
+    op, mask, x_true, y = _sense_problem()
+    lam = split_mask(mask, generator=_gen(9)).lam.double()
+    x = x_true + 0.1 * torch.randn(x_true.shape, dtype=x_true.dtype, generator=_gen(10))
+    assert torch.equal(heldout_loss(op, y, x, lam, torch.ones_like(lam)), heldout_loss(op, y, x, lam))
+    w = torch.rand(lam.shape, generator=_gen(13), dtype=torch.float64) + 0.5
+    kx, yy, ll, ww = op.A(x).numpy(), y.numpy(), lam.numpy(), w.numpy()
+    per_item = [np.sum(ww * np.abs(ll * (kx[i] - yy[i])) ** 2) / np.sum(ww * np.abs(ll * yy[i]) ** 2) for i in range(2)]
+    assert np.isclose(heldout_loss(op, y, x, lam, w).item(), np.mean(per_item), rtol=1e-12)
+
+
+def _radial_random_mask(shape, seed):
+    """Each entry sampled independently with a known density p(u) = 0.6 (1 − u)² + 0.04 inside u < 1
+    (u the elliptic radius), the 10 % centre box always: a variable-density 2-D mask with known p."""
+    h, w = shape
+    ky = (torch.arange(h, dtype=torch.float64) - h // 2).abs() / (h / 2)
+    kx = (torch.arange(w, dtype=torch.float64) - w // 2).abs() / (w / 2)
+    u = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+    p = torch.where(u < 1, 0.6 * (1 - u).clamp(min=0) ** 2 + 0.04, torch.zeros((), dtype=torch.float64))
+    mask = (torch.rand(shape, generator=_gen(seed), dtype=torch.float64) < p).float()
+    centre = center_box(shape, 0.1)
+    return torch.maximum(mask, centre), centre, p, u
+
+
+def test_density_weights_are_the_inverse_sampling_density():
+    mask, centre, p, u = _radial_random_mask((200, 160), seed=21)
+    w = density_weights(mask, centre)
+    taken = (mask != 0) & (centre == 0)
+    assert w.shape == mask.shape and bool((w[~taken] == 0).all()) and bool((w[taken] > 0).all())
+    assert torch.isclose(w[taken].mean(), torch.tensor(1.0))
+    # w ∝ 1/p: w·p is the same constant everywhere the mask reaches (binned estimate: within 25 %)
+    wp = (w.double() * p)[taken]
+    assert float(wp.max() / wp.min()) < 1.25 ** 2 and float(p[taken].max() / p[taken].min()) > 10
+    # so the weighted mean over the sampled entries estimates the mean over the whole reachable non-ACS
+    # k-space (the held-out loss's aim), where the plain mean over-weights the densely sampled centre
+    energy = 1.0 / (0.02 + u) ** 2  # a k-space error energy falling off with |k|
+    reach = (centre == 0) & (u <= float(u[taken].max()))
+    truth = float(energy[reach].mean())
+    weighted = float((w.double() * energy)[taken].sum() / w.double()[taken].sum())
+    plain = float(energy[taken].mean())
+    assert abs(weighted / truth - 1) < 0.1 and plain / truth > 2
+
+
+def test_density_weights_leave_sparse_1d_masks_unweighted():
+    torch.manual_seed(0)
+    mask, _ = make_mask("random_1d", (320, 256), 4.0, 0.08, seed=3)  # 64 sampled columns, 20 in the centre
+    assert density_weights(mask, detect_acs(mask)) is None
+    with pytest.raises(InputError, match="density_weights"):
+        density_weights(mask, detect_acs(mask)[:10])
 
 
 def test_heldout_loss_rejects_empty_heldout_energy_and_bad_shapes():
