@@ -56,7 +56,7 @@ from torch import nn
 
 from recon.adapt.calibration import FrequencyCalibration
 from recon.adapt.lora import LoRA
-from recon.adapt.selfsup import KSpaceSplit, acs_mask, density_weights, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, density_weights, heldout_loss, split_mask, theta_operator
 from recon.coils import detect_acs
 from recon.data.transforms import center_crop
 from recon.dc import prox
@@ -496,17 +496,11 @@ class BiasRecon:
         ``(H, W)`` or ``(B, 1, H, W)`` like the mask; None for the unweighted loss."""
         if self.s.heldout_weighting == "none":
             return None
-        weights = []
-        for m in self._scan_masks(self.op.mask):
-            acs = self._acs(m)
-            if not isinstance(acs, torch.Tensor):
-                row_constant = bool(torch.equal(m != 0, (m[:1] != 0).expand_as(m)))
-                acs = acs_mask(tuple(m.shape), acs, row_constant)
-            weights.append(density_weights(m, acs))
+        masks = self._scan_masks(self.op.mask)
+        weights = [density_weights(m, self._acs(m)) for m in masks]
         if all(wt is None for wt in weights):
             return None
-        weights = [torch.where(m != 0, 1.0, 0.0).to(torch.float32) if wt is None else wt
-                   for wt, m in zip(weights, self._scan_masks(self.op.mask))]
+        weights = [(m != 0).to(torch.float32) if wt is None else wt for wt, m in zip(weights, masks)]
         return weights[0] if len(weights) == 1 else torch.stack(weights)[:, None]
 
     def _setup_validation(self) -> None:

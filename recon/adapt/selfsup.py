@@ -138,7 +138,7 @@ def split_mask(
     return KSpaceSplit(theta=theta_f, lam=lam_f)
 
 
-def density_weights(mask: torch.Tensor, acs: torch.Tensor, min_count: int = 64,
+def density_weights(mask: torch.Tensor, acs: float | torch.Tensor, min_count: int = 64,
                     max_bins: int = 16) -> torch.Tensor | None:
     """Density compensation of the held-out loss: ``w = 1 / p``, ``p`` the mask's sampling density outside the ACS.
 
@@ -152,16 +152,24 @@ def density_weights(mask: torch.Tensor, acs: torch.Tensor, min_count: int = 64,
     sampled units each), ``p`` = sampled / candidate units (non-ACS) per bin; ``w`` is normalised to mean 1
     over the sampled non-ACS entries. One bin — every 1-D mask with fewer than ``2·min_count`` sampled
     columns outside its centre — is no compensation: returns None (the unweighted loss).
-    Shape: ``mask`` and ``acs`` ``(H, W)`` 0/1; returns ``(H, W)`` float32 (0 outside the sampled non-ACS
-    entries) or None.
+    Shape: ``mask`` ``(H, W)`` 0/1; ``acs`` as in :func:`split_mask` (a fraction or an ``(H, W)`` 0/1 mask);
+    returns ``(H, W)`` float32 (0 outside the sampled non-ACS entries) or None.
     """
-    if mask.dim() != 2 or tuple(acs.shape) != tuple(mask.shape):
-        raise InputError(f"density_weights: mask and acs must be (H, W) of one shape, got {tuple(mask.shape)} "
-                         f"and {tuple(acs.shape)}.")
-    sampled, acs_region = mask.detach().cpu() != 0, acs.detach().cpu() != 0
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"density_weights: mask must be an (H, W) tensor of 0/1, got {got}.")
+    sampled = mask.detach().cpu() != 0
     height, width = sampled.shape
+    row_constant = bool(torch.equal(sampled, sampled[:1].expand_as(sampled)))
+    if isinstance(acs, torch.Tensor):
+        if tuple(acs.shape) != (height, width):
+            raise InputError(f"density_weights: acs mask must have the mask's shape {(height, width)}, "
+                             f"got {tuple(acs.shape)}.")
+        acs_region = acs.detach().cpu() != 0
+    else:
+        acs_region = acs_mask((height, width), acs, row_constant) != 0
     kx = (torch.arange(width, dtype=torch.float64) - width // 2).abs() / (width / 2)
-    if bool(torch.equal(sampled, sampled[:1].expand_as(sampled))):  # 1-D: units are columns
+    if row_constant:  # 1-D: units are columns
         candidate = ~acs_region.any(dim=0)
         taken, u = sampled[0] & candidate, kx
     else:

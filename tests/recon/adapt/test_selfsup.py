@@ -167,6 +167,7 @@ def _radial_random_mask(shape, seed):
 def test_density_weights_are_the_inverse_sampling_density():
     mask, centre, p, u = _radial_random_mask((200, 160), seed=21)
     w = density_weights(mask, centre)
+    assert torch.equal(w, density_weights(mask, 0.1))  # a fraction: the same central box
     taken = (mask != 0) & (centre == 0)
     assert w.shape == mask.shape and bool((w[~taken] == 0).all()) and bool((w[taken] > 0).all())
     assert torch.isclose(w[taken].mean(), torch.tensor(1.0))
@@ -186,9 +187,11 @@ def test_density_weights_are_the_inverse_sampling_density():
 def test_density_weights_leave_sparse_1d_masks_unweighted():
     torch.manual_seed(0)
     mask, _ = make_mask("random_1d", (320, 256), 4.0, 0.08, seed=3)  # 64 sampled columns, 20 in the centre
-    assert density_weights(mask, detect_acs(mask)) is None
+    assert density_weights(mask, detect_acs(mask)) is None and density_weights(mask, 0.08) is None
     with pytest.raises(InputError, match="density_weights"):
         density_weights(mask, detect_acs(mask)[:10])
+    with pytest.raises(InputError, match="density_weights"):
+        density_weights(mask[None], 0.08)
 
 
 def test_heldout_loss_rejects_empty_heldout_energy_and_bad_shapes():
