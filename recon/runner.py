@@ -799,7 +799,7 @@ def run(spec: RunSpec) -> int:
                                  _stored(dataset, v, items, REFERENCE_KEY if info.has_reference else None),
                                  f"{info.path}: key '{REFERENCE_KEY}'")}
         if scan_profiles:  # written last of the volume's own files: a refused volume leaves nothing
-            _save_first_gamma(plan, records, samples, own[0], _volume_profile(out, dataset.volumes[v].path))
+            _save_first_gamma(plan, records, samples, own[0], _volume_profile(out, info.path))
         return images, facts, [seconds]
 
     extra = (lambda k: [_volume_profile(out, dataset.volumes[order[k][0]].path)]) if scan_profiles else None

@@ -241,13 +241,14 @@ def heldout_loss(op: Sense, y: torch.Tensor, x: torch.Tensor, lam: torch.Tensor,
     y_held = lam * y
     residual = lam * op.A(x) - y_held
     dims = tuple(range(1, y.dim()))
-    energy = (y_held.real.square() + y_held.imag.square()).sum(dim=dims)
+    power = y_held.real.square() + y_held.imag.square()
+    energy = power.sum(dim=dims)
     if bool((energy == 0).any()):
         raise InputError("heldout_loss: y has no energy on the held-out set Λ for some batch item; expected Λ ⊆ Ω.")
     error = residual.real.square() + residual.imag.square()
     if weight is not None:
         weight = weight.to(device=y.device, dtype=y.real.dtype)
-        energy = (weight * (y_held.real.square() + y_held.imag.square())).sum(dim=dims)
+        energy = (weight * power).sum(dim=dims)
         if bool((energy == 0).any()):
             raise InputError("heldout_loss: the weights leave no energy on the held-out set Λ for some batch item.")
         error = weight * error
