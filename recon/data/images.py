@@ -27,6 +27,8 @@ __all__ = [
     "read_image_stack",
     "parse_index_ranges",
     "split_indices",
+    "RESLICE_AXES",
+    "reslice",
     "fit_matrix",
     "target_images",
 ]
@@ -121,39 +123,48 @@ def read_image_stack(path: str | os.PathLike, key: str | None = None, where: str
 
 
 def parse_index_ranges(ranges: Sequence[str | int], count: int, where: str) -> list[int]:
-    """Indices named by a list of ranges ``"a:b"`` (half-open, like Python slices) or single integers.
+    """Indices named by a list of ranges ``"a:b"`` or ``"a:b:step"`` (half-open, like Python slices) or
+    single integers.
 
     Shape: none; returns sorted unique indices, each in ``[0, count)``.
 
     Raises:
-        InputError: a malformed item, an empty or out-of-range range, or no index at all.
+        InputError: a malformed item, an empty or out-of-range range, a step < 1, or no index at all.
     """
     out: list[int] = []
     for item in ranges:
         text = str(item).strip()
         try:
-            if ":" in text:
-                a, b = (int(t) for t in text.split(":"))
-            else:
-                a = int(text)
-                b = a + 1
+            parts = [int(t) for t in text.split(":")]
         except ValueError:
-            raise InputError(f"key '{where}' holds {item!r}, expected 'start:stop' or an index.") from None
-        if not 0 <= a < b <= count:
-            raise InputError(f"key '{where}' holds {item!r}, expected a non-empty range inside [0, {count}).")
-        out.extend(range(a, b))
+            raise InputError(f"key '{where}' holds {item!r}, expected 'start:stop', 'start:stop:step' or an index.") from None
+        if len(parts) == 1:
+            parts = [parts[0], parts[0] + 1]
+        if len(parts) not in (2, 3):
+            raise InputError(f"key '{where}' holds {item!r}, expected 'start:stop', 'start:stop:step' or an index.")
+        a, b = parts[0], parts[1]
+        step = parts[2] if len(parts) == 3 else 1
+        if not 0 <= a < b <= count or step < 1:
+            raise InputError(f"key '{where}' holds {item!r}, expected a non-empty range inside [0, {count}) "
+                             f"with a step >= 1.")
+        out.extend(range(a, b, step))
     if not out:
         raise InputError(f"key '{where}' is empty, expected at least one index range like '0:10'.")
     return sorted(set(out))
 
 
-def split_indices(splits: Mapping[str, Sequence[str | int]], count: int, source: str) -> dict[str, list[int]]:
-    """Every named split's indices, checked to be disjoint.
+def split_indices(splits: Mapping[str, Sequence[str | int]], count: int, source: str,
+                  gap: int = 0) -> dict[str, list[int]]:
+    """Every named split's indices, checked to be disjoint and at least ``gap`` indices apart.
+
+    Maths: for indices ``i`` and ``j`` of two different splits, ``|i − j| > gap`` (``gap`` slices lie
+    between them); slabs of one volume need a gap because neighbouring slices are nearly the same image.
 
     Shape: none.
 
     Raises:
-        InputError: a bad range (see :func:`parse_index_ranges`) or two splits sharing an index.
+        InputError: a bad range (see :func:`parse_index_ranges`), two splits sharing an index, or two
+            splits closer than ``gap``.
     """
     indices = {name: parse_index_ranges(r, count, f"data.splits.{name}") for name, r in splits.items()}
     names = list(indices)
@@ -163,7 +174,34 @@ def split_indices(splits: Mapping[str, Sequence[str | int]], count: int, source:
             if shared:
                 raise InputError(f"{source}: keys 'data.splits.{a}' and 'data.splits.{b}' share indices "
                                  f"{shared[:5]}, expected disjoint splits.")
+            if gap > 0:
+                ia, ib = np.asarray(indices[a]), np.asarray(indices[b])
+                dist = np.abs(ia[:, None] - ib[None, :])
+                k, m = np.unravel_index(int(np.argmin(dist)), dist.shape)
+                if dist[k, m] <= gap:
+                    raise InputError(f"{source}: keys 'data.splits.{a}' and 'data.splits.{b}' hold slices {ia[k]} and "
+                                     f"{ib[m]}, {dist[k, m] - 1} apart, expected at least 'data.split_gap' = {gap} "
+                                     f"slices between splits.")
     return indices
+
+
+RESLICE_AXES = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
+"""Axis orders that turn a volume stored ``(z, y, x)`` (axial slices first) into slices of each plane."""
+
+
+def reslice(volume: np.ndarray, orientation: str) -> np.ndarray:
+    """Slices of a volume along another plane.
+
+    Maths: the volume is stored as axial slices ``v[z, y, x]`` (``z`` increasing towards the top of the
+    head, row 0 anterior); ``axial`` returns it as it is, ``coronal`` gives slices ``v[::-1, y, :]``
+    (superior at row 0) and ``sagittal`` ``v[::-1, :, x]`` (superior at row 0, anterior at column 0).
+
+    Shape: ``(Z, Y, X)`` → axial ``(Z, Y, X)``, coronal ``(Y, Z, X)``, sagittal ``(X, Z, Y)``.
+    """
+    if orientation not in RESLICE_AXES:
+        raise InputError(f"key 'anatomy.orientation' is {orientation!r}, expected one of {', '.join(RESLICE_AXES)}.")
+    out = np.transpose(volume, RESLICE_AXES[orientation])
+    return out if orientation == "axial" else out[:, ::-1, :]
 
 
 def fit_matrix(image: np.ndarray, matrix: tuple[int, int]) -> np.ndarray:

@@ -58,7 +58,7 @@ from recon.data.anatomy import (
     slice_offsets_mm,
 )
 from recon.data.fastmri_io import FastMRISliceDataset, ismrmrd_header, slice_mask_seed, write_kspace_volume
-from recon.data.images import fit_matrix, read_image_stack, resolve_data_path, split_indices
+from recon.data.images import fit_matrix, read_image_stack, reslice, resolve_data_path, split_indices
 from recon.data.normalize import normalization_scale
 from recon.errors import InputError
 from recon.fft import fft2c, ifft2c
@@ -108,6 +108,7 @@ class DataConfig:
     subject_seed_offset: int = 0
     splits: Dict[str, List[str]] = field(default_factory=dict)  # image stacks: {name: ["start:stop", ...]}
     split: str = "test"  # image stacks: the split this site's evaluation files hold
+    split_gap: int = 0  # image stacks: slices that must lie between any two splits (slabs of one volume)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class AnatomyConfig:
     key: Optional[str] = None  # the array of an .npz image stack
     intensity_scale: float = 1.0  # image stacks: raw-scale factor on the images (a scanner's scale, e.g. 1e13)
     contrast: str = "t1"  # "t1" | "t2" | "pd" | "flair" | "native"
-    orientation: str = "axial"  # "axial" | "coronal" | "sagittal"
+    orientation: str = "axial"  # "axial" | "coronal" | "sagittal" (image stacks: the stack as stored is axial)
     deformation_mm: float = 3.0
     bias_field: float = 0.2
     background_phase: float = 1.5  # radians of smooth phase variation across the field of view
@@ -249,19 +250,21 @@ def _validate_images(site: SiteConfig, path: Path) -> None:
     if not d.splits:
         raise InputError(f"{path}: key 'data.splits' is empty, expected named index ranges such as "
                          f"{{train: ['0:10'], test: ['10:18']}} over the {len(stack)} images.")
-    split_indices(d.splits, len(stack), str(path))
+    _check(d.split_gap >= 0, path, "data.split_gap", "a non-negative integer", d.split_gap)
+    split_indices(d.splits, len(stack), str(path), d.split_gap)
     _check(d.split in d.splits, path, "data.split", f"one of {', '.join(d.splits)}", d.split)
 
 
 def image_stack(site: SiteConfig) -> np.ndarray:
-    """The image stack of an ``anatomy.source: images`` site (read once per process and file version).
+    """The image stack of an ``anatomy.source: images`` site (read once per process and file version),
+    resliced to ``anatomy.orientation`` (:func:`~recon.data.images.reslice`: the stack as stored is axial).
 
     Shape: ``(N, H, W)`` complex128 or float64, read-only.
 
     Raises:
         InputError: naming ``anatomy.path`` and the resolved path (see :func:`recon.data.images.read_image_stack`).
     """
-    return _read_stack(*_stack_file(site))[0]
+    return reslice(_read_stack(*_stack_file(site))[0], site.anatomy.orientation)
 
 
 def _stack_file(site: SiteConfig) -> tuple[str, str | None, int]:
@@ -443,7 +446,7 @@ def _eval_files(site: SiteConfig) -> list[tuple[int, list[int] | None]]:
     d = site.data
     if site.anatomy.source != IMAGES:
         return [(d.subject_seed_offset + i, None) for i in range(d.num_subjects)]
-    indices = split_indices(d.splits, len(image_stack(site)), site.name)[d.split]
+    indices = split_indices(d.splits, len(image_stack(site)), site.name, d.split_gap)[d.split]
     n = d.slices_per_subject
     return [(indices[i], indices[i:i + n]) for i in range(0, len(indices), n)]
 
@@ -622,7 +625,7 @@ def training_images(site: SiteConfig, num_slices: int | None = None, seed: int =
                              f"every slice of its split (times 'copies').")
         if copies < 1:
             raise InputError(f"site {site.name}: key 'copies' must be a positive integer, got {copies}.")
-        splits = split_indices(site.data.splits, len(image_stack(site)), site.name)
+        splits = split_indices(site.data.splits, len(image_stack(site)), site.name, site.data.split_gap)
         if split not in splits:
             raise InputError(f"site {site.name}: key 'data.split' is {split!r}, expected one of {', '.join(splits)}.")
         indices = [k for k in splits[split] for _ in range(copies)]
