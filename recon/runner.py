@@ -99,7 +99,8 @@ class RunSpec:
         params: per-method parameters (classical: the function's keywords; prior: settings fields).
         tune: the classical methods whose λ is tuned on the slices themselves; grid: the λ grid.
         summary: write the figures, ``config.yaml`` and ``profile.json``.
-        prior / sampler: the prior loader and the sampler (needed by prior methods).
+        prior / sampler: the prior loader and the sampler (needed by prior methods); prior_reason:
+            which prior and why (``--prior``, the site's ``prior`` key, or the default), for the summary.
     """
 
     site: str
@@ -116,6 +117,7 @@ class RunSpec:
     summary: bool = True
     prior: PriorLoader | None = None
     sampler: Sampler | None = None
+    prior_reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,6 +733,8 @@ def _print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int,
     rate = f" ({map_seconds / computed:.2f} s/slice)" if computed else ""
     print(f"site {plan.site.name}: {count} slices of {files} files{procs} on {plan.device}, "
           f"mode {config.mode}, maps {maps}{rate}")
+    if plan.prior is not None and plan.spec.prior_reason:
+        print(f"  prior: {plan.spec.prior_reason}")
     if skipped:
         print(f"  {skipped} slices were already done by an earlier run with the same config (skipped)")
     if kept is not None:

@@ -17,14 +17,20 @@ import torch
 from scores.checkpoints import CheckpointError, load_checkpoint
 from scores.model import ScoreModel
 
-__all__ = ["WEIGHTS_DIR", "DEFAULT_PRIOR", "bundled_priors", "resolve_prior", "file_sha256", "LoadedPrior",
-           "load_prior"]
+__all__ = ["WEIGHTS_DIR", "DEFAULT_PRIOR", "PRIOR_HELP", "bundled_priors", "resolve_prior", "choose_prior",
+           "file_sha256", "LoadedPrior", "load_prior"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """The package's bundled checkpoints (package data, so also in a non-editable install)."""
 
 DEFAULT_PRIOR = "source_brain"
 """The prior the scripts use without ``--prior``."""
+
+
+PRIOR_HELP = ("a bundled prior ({names}) or a checkpoint file; default: the prior the site names (its key "
+              "'prior': brain sites colin27_t1, knee sites stanford_knee, the template sites source_brain), "
+              "else " + DEFAULT_PRIOR)
+"""``--help`` text of ``--prior`` (format with ``names``)."""
 
 
 def bundled_priors() -> list[str]:
@@ -49,6 +55,36 @@ def resolve_prior(value: str | Path) -> Path:
         f"command line: key '--prior' is {text!r}, expected a bundled prior ({', '.join(bundled_priors()) or 'none'}) "
         f"or an existing checkpoint file."
     )
+
+
+def choose_prior(command_line: str | None, site: str, site_prior: str | None,
+                 site_file: str = "") -> tuple[Path, str]:
+    """The prior a run uses, and why: ``--prior`` when given, else the site's ``prior`` key, else
+    :data:`DEFAULT_PRIOR`.
+
+    Args:
+        command_line: ``--prior`` (``None`` when not given); site: the site's name;
+        site_prior: the site config's ``prior`` key; site_file: where that key was read (for errors).
+
+    Returns:
+        The checkpoint file and one phrase saying which prior and why (for the run summary).
+
+    Raises:
+        CheckpointError: a bad ``--prior``, or a site whose ``prior`` key names neither a bundled prior
+            nor an existing file (one sentence naming the site file and the key).
+    """
+    if command_line is not None:
+        return resolve_prior(command_line), f"{command_line} (--prior on the command line)"
+    if site_prior is None:
+        return resolve_prior(DEFAULT_PRIOR), f"{DEFAULT_PRIOR} (the toolkit's default: site {site} names no prior)"
+    try:
+        path = resolve_prior(site_prior)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{site_file or site}: key 'prior' is {site_prior!r}, expected a bundled prior "
+            f"({', '.join(bundled_priors()) or 'none'}) or an existing checkpoint file (or pass --prior)."
+        ) from None
+    return path, f"{site_prior} (named by site {site}, key 'prior'; --prior overrides it)"
 
 
 def file_sha256(path: Path) -> str:

@@ -14,7 +14,9 @@ Otherwise the site's own data: a fastMRI site reads ``data.root``; a simulated s
 keeps the first N slices in dataset order (files sorted by name, slices in order).
 
 Prior: ``--prior NAME`` a bundled prior (``scores/weights/NAME.safetensors``; ``--help`` lists
-them) or ``--prior PATH`` a checkpoint file; default ``source_brain``.
+them) or ``--prior PATH`` a checkpoint file; default: the prior the site names (its key ``prior``:
+brain sites ``colin27_t1``, knee sites ``stanford_knee``, the template sites ``source_brain``), else
+``source_brain``. The run summary says which prior ran and why.
 
 Configuration: ``configs/biasrecon/default.yaml`` (or ``--config``) on the adapt config schema
 (:class:`recon.config.AdaptConfig`; its ``biasrecon`` section is
@@ -84,11 +86,12 @@ from functools import partial
 from pathlib import Path
 
 from recon.config import DEFAULT_CONFIG, load_config, split_overrides
+from recon.data.sites import load_site, site_file
 from recon.jobs import OneLineParser, run_main
 from recon.runner import RunSpec, run
 from scores.checkpoints import CheckpointError
 from scores.config import ConfigError
-from scores.priors import DEFAULT_PRIOR, bundled_priors, load_prior, resolve_prior
+from scores.priors import PRIOR_HELP, bundled_priors, choose_prior, load_prior
 from scores.samplers import TweedieSampler
 
 __all__ = ["parse_args", "spec_from_args", "main"]
@@ -99,9 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--site", required=True, help="site name in configs/sites or a .yaml path")
     parser.add_argument("--data", type=Path, help="fastMRI-format h5 file or folder (default: the site's data)")
-    parser.add_argument("--prior", default=DEFAULT_PRIOR,
-                        help=f"a bundled prior ({', '.join(bundled_priors())}) or a checkpoint file "
-                             f"(default {DEFAULT_PRIOR})")
+    parser.add_argument("--prior", default=None, help=PRIOR_HELP.format(names=", ".join(bundled_priors())))
     parser.add_argument("--profile", type=Path, help="site profile to reuse (if it exists) or to save")
     parser.add_argument("--max-slices", type=int, help="reconstruct only the first N slices")
     parser.add_argument("--out", type=Path, help="output folder (default: out/adapt/<site>)")
@@ -115,10 +116,11 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     and the prior (loaded by the runner on its device) with the sampler."""
     adapt_items, site_items = split_overrides(args.overrides)
     config = load_config(args.config, adapt_items)
-    prior = resolve_prior(args.prior)  # an unknown name or a missing file fails now
+    site = load_site(args.site, site_items)
+    prior, why = choose_prior(args.prior, site.name, site.prior, str(site_file(args.site)))  # a bad one fails now
     return RunSpec(site=args.site, config=config, site_items=site_items, out=args.out, data=args.data,
                    max_slices=args.max_slices, profile=args.profile, prior=partial(load_prior, prior),
-                   sampler=TweedieSampler())
+                   sampler=TweedieSampler(), prior_reason=why)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ prior methods through :class:`recon.biasrecon.BiasRecon` on all the slices of a 
 calibration), ``biasrecon``, ``biasrecon_nosure`` and ``finetune`` (every weight, same loss and
 steps). The prior methods start from the library's settings (:class:`~recon.biasrecon.BiasReconSettings`
 defaults); bare ``key=value`` items override its fields. ``--prior`` is a bundled prior (``--help``
-lists them) or a checkpoint file; ``site.KEY=VALUE`` items override the site (another acceleration,
+lists them) or a checkpoint file (default: each site's own ``prior`` key, else ``source_brain``); ``site.KEY=VALUE`` items override the site (another acceleration,
 the val split). Sensitivity maps are ESPIRiT from each slice's centre
 (:func:`recon.coils.sensitivity_maps`), shared by every method. Metrics are per slice (fastMRI's
 definitions), then mean ± std, against fastMRI's target (RSS of the noisy fully sampled data;
@@ -50,7 +50,8 @@ from recon.methods import reference_stack, run_baseline, slice_scores, tune_lamb
 from recon.data import Sample
 from recon.operators import Sense
 from scores.checkpoints import CheckpointError
-from scores.priors import DEFAULT_PRIOR, bundled_priors, load_prior, resolve_prior
+from recon.data.sites import site_file
+from scores.priors import PRIOR_HELP, bundled_priors, choose_prior, load_prior
 from scores.samplers import TweedieSampler
 
 __all__ = ["evaluate_site", "lambda_check", "markdown", "lambda_markdown", "main"]
@@ -196,8 +197,7 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--sites", default="source_brain,unseen_center")
     parser.add_argument("--methods", default="all", help="comma list or 'all' (every method of the table)")
     parser.add_argument("--max-slices", type=int, default=8)
-    parser.add_argument("--prior", default=DEFAULT_PRIOR,
-                        help=f"a bundled prior ({', '.join(bundled_priors())}) or a checkpoint file")
+    parser.add_argument("--prior", default=None, help=PRIOR_HELP.format(names=", ".join(bundled_priors())))
     parser.add_argument("--workdir", type=Path, default=Path("out/evaluate_data"))
     parser.add_argument("--record", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--lambda-check", action="store_true",
@@ -214,11 +214,19 @@ def _run(argv: list[str] | None) -> int:
     methods = parse_methods("all+prior" if args.methods == "all" else args.methods, "command line: key '--methods'")
     site_overrides = [o[len("site."):] for o in args.overrides if o.startswith("site.")]
     settings = settings_from_dotlist([o for o in args.overrides if not o.startswith("site.")])
-    prior = resolve_prior(args.prior)
+    sites = args.sites.split(",")
+    uses_prior = args.lambda_check or any(METHODS[m].kind == "prior" for m in methods)
+    priors = {site: (None, "") for site in sites}
+    for site in sites if uses_prior or args.prior is not None else ():  # every prior checked before any work
+        named = load_site(site, site_overrides)
+        priors[site] = choose_prior(args.prior, named.name, named.prior, str(site_file(site)))
     oracle_grid = tuple(parse_lambdas(args.oracle_grid, "command line: key '--oracle-grid'", positive=True))
     lambda_grid = tuple(parse_lambdas(args.lambda_grid, "command line: key '--lambda-grid'", positive=True))
     rows = []
-    for site in args.sites.split(","):
+    for site in sites:
+        prior, why = priors[site]
+        if why:
+            print(f"{site}: prior {why}")
         if args.lambda_check:
             rows += lambda_check(site, args.max_slices, prior, args.workdir, settings, site_overrides, lambda_grid)
         else:

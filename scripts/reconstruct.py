@@ -16,8 +16,8 @@ is a name, a comma list, ``all`` (the classical methods zero_filled, sense, l1wa
 ``all+prior`` (every method). The prior-based ones (``unadapted``, ``unadapted_sure``,
 ``biasrecon``, ...) run BiasRecon with the library's settings
 (:class:`recon.biasrecon.BiasReconSettings`) on one slice at a time, with the prior of
-``--prior NAME|PATH`` (a bundled name — ``--help`` lists them — or a checkpoint file; default
-``source_brain``). Sensitivity maps are ESPIRiT from each slice's auto-calibration centre,
+``--prior NAME|PATH`` (a bundled name — ``--help`` lists them — or a checkpoint file; default:
+the prior the site names, its key ``prior``, else ``source_brain``). Sensitivity maps are ESPIRiT from each slice's auto-calibration centre,
 computed once per slice and shared by every method, or the file's true maps with
 ``--oracle-maps`` (simulated sites; an upper bound). ``--param METHOD.KEY=VALUE`` sets a method's
 parameter (a classical method's keyword, a prior method's settings field); ``--tune`` picks λ of
@@ -72,7 +72,8 @@ from recon.methods import DEFAULT_LAMBDA_GRID, PRIOR_METHODS, TUNABLE_METHODS, c
 from recon.methods import parse_lambdas, parse_methods
 from recon.runner import RunSpec, run
 from scores.checkpoints import CheckpointError
-from scores.priors import DEFAULT_PRIOR, bundled_priors, load_prior, resolve_prior
+from recon.data.sites import load_site, site_file
+from scores.priors import PRIOR_HELP, bundled_priors, choose_prior, load_prior
 from scores.samplers import TweedieSampler
 
 __all__ = ["parse_args", "parse_params", "parse_grid", "spec_from_args", "main"]
@@ -93,9 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a method parameter, e.g. tv.max_iter=100 (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="simulation seed of a simulated site")
-    parser.add_argument("--prior", default=DEFAULT_PRIOR,
-                        help=f"prior of the prior-based methods: a bundled prior ({', '.join(bundled_priors())}) "
-                             f"or a checkpoint file (default {DEFAULT_PRIOR})")
+    parser.add_argument("--prior", default=None, help="prior of the prior-based methods: "
+                        + PRIOR_HELP.format(names=", ".join(bundled_priors())))
     parser.add_argument("overrides", nargs="*", help="site overrides, e.g. acquisition.acceleration=8")
     return parser.parse_args(argv)
 
@@ -162,15 +162,18 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     for m in tuned:
         if "lam" in params[m]:
             raise InputError(f"command line: key '--param {m}.lam' conflicts with --tune, expected one of the two.")
-    prior = resolve_prior(args.prior)  # an unknown name or a missing file fails now
     config = AdaptConfig(methods=methods, maps="true" if args.oracle_maps else "espirit", batch_size=1,
                          device="cpu", simulation_seed=args.seed)
     uses_prior = any(m in PRIOR_METHODS for m in methods)
+    prior, why = None, ""
+    if uses_prior or args.prior is not None:  # a bad --prior or site prior fails now
+        site = load_site(args.site, list(args.overrides))
+        prior, why = choose_prior(args.prior, site.name, site.prior, str(site_file(args.site)))
     return RunSpec(site=args.site, config=config, site_items=list(args.overrides), out=args.out,
                    default_out="reconstruct", data=args.data, max_slices=args.max_slices, params=params,
                    tune=tuned, grid=grid, summary=False,
                    prior=partial(load_prior, prior) if uses_prior else None,
-                   sampler=TweedieSampler() if uses_prior else None)
+                   sampler=TweedieSampler() if uses_prior else None, prior_reason=why)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,6 +76,7 @@ __all__ = [
     "EVAL_STREAM",
     "TRAIN_STREAM",
     "available_sites",
+    "site_file",
     "load_site",
     "subject_seed",
     "simulate_site",
@@ -160,6 +161,7 @@ class SiteConfig:
 
     name: str = ""
     description: str = ""
+    prior: Optional[str] = None  # the bundled prior (or checkpoint file) that --prior defaults to on this site
     data: DataConfig = field(default_factory=DataConfig)
     anatomy: AnatomyConfig = field(default_factory=AnatomyConfig)
     coils: CoilConfig = field(default_factory=CoilConfig)
@@ -186,6 +188,15 @@ def _locate(name_or_path: str) -> Path:
     return path
 
 
+def site_file(name_or_path: str) -> Path:
+    """The YAML file of a site name (``configs/sites/NAME.yaml``) or path.
+
+    Raises:
+        InputError: an unknown site name or a missing file.
+    """
+    return _locate(str(name_or_path))
+
+
 def _check(ok: bool, path: Path, key: str, expected: str, value: object) -> None:
     if not ok:
         raise InputError(f"{path}: key '{key}' must be {expected}, got {value!r}.")
@@ -193,6 +204,7 @@ def _check(ok: bool, path: Path, key: str, expected: str, value: object) -> None
 
 def _validate(site: SiteConfig, path: Path) -> None:
     d, a, c, q, n = site.data, site.anatomy, site.coils, site.acquisition, site.noise
+    _check(site.prior is None or bool(str(site.prior).strip()), path, "prior", "a prior name or null", site.prior)
     _check(d.source in ("simulated", "fastmri"), path, "data.source", "'simulated' or 'fastmri'", d.source)
     _check(q.mask_type in MASK_TYPES, path, "acquisition.mask_type", f"one of {', '.join(MASK_TYPES)}", q.mask_type)
     _check(q.acceleration > 1, path, "acquisition.acceleration", "a number > 1", q.acceleration)
