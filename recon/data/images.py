@@ -11,6 +11,7 @@ Splits are named lists of half-open index ranges over the stack's first axis, e.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from recon.errors import InputError
 __all__ = [
     "IMAGE_SUFFIXES",
     "PROJECT_ROOT",
+    "PACKAGE_PREFIX",
     "resolve_data_path",
     "read_image_stack",
     "parse_index_ranges",
@@ -39,13 +41,26 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """The checkout that holds ``configs/``: relative data paths of committed configs start here."""
 
 
+PACKAGE_PREFIX = "package:"
+"""A data path ``package:PKG/FILE`` names a file shipped inside an installed package (e.g. the demo's
+``package:recon.data/colin27_t1_slices.npy``), found the same way in a checkout and a regular install."""
+
+
 def resolve_data_path(path: str | os.PathLike) -> Path:
-    """A data path as a config gives it: ``~`` expanded; a relative path is taken from the project root
-    when it exists there (committed configs say ``../shared/data/real/...``), else from the working folder.
+    """A data path as a config gives it: ``package:PKG/FILE`` is a file inside the installed package
+    ``PKG``; ``~`` is expanded; a relative path is taken from the project root when it exists there
+    (committed configs say ``../shared/data/real/...``), else from the working folder.
 
     Shape: none.
     """
-    p = Path(os.path.expanduser(str(path)))
+    text = str(path)
+    if text.startswith(PACKAGE_PREFIX):
+        package, _, name = text[len(PACKAGE_PREFIX):].partition("/")
+        try:
+            return Path(str(importlib.resources.files(package).joinpath(name)))
+        except ModuleNotFoundError:
+            return Path(text)  # read_image_stack then names the missing file
+    p = Path(os.path.expanduser(text))
     if p.is_absolute():
         return p
     from_root = PROJECT_ROOT / p

@@ -18,7 +18,8 @@ from fastmri.data.transforms import center_crop
 from recon.coils import rss
 from recon.data import FastMRISliceDataset
 from recon.data.fastmri_io import REFERENCE_KEY
-from recon.data.images import fit_matrix, parse_index_ranges, read_image_stack, split_indices, target_images
+from recon.data.images import (fit_matrix, parse_index_ranges, read_image_stack, reslice, split_indices,
+                               target_images)
 from recon.data.sites import SITES_DIR, load_site, simulate_site, site_dataset, training_images
 from recon.errors import InputError
 from recon.fft import ifft2c
@@ -108,6 +109,34 @@ def test_index_ranges_and_disjoint_splits() -> None:
     assert splits == {"train": list(range(10)), "val": [10, 11], "test": list(range(12, 18))}
     with pytest.raises(InputError, match="'data.splits.train' and 'data.splits.test' share indices"):
         split_indices({"train": ["0:10"], "test": ["9:18"]}, 18, "site")
+
+
+def test_stepped_ranges_and_slab_gaps() -> None:
+    assert parse_index_ranges(["80:104:3"], 181, "x") == [80, 83, 86, 89, 92, 95, 98, 101]
+    with pytest.raises(InputError, match="step >= 1"):
+        parse_index_ranges(["0:9:0"], 10, "x")
+    slabs = {"train": ["0:62", "110:166"], "val": ["67:75:2"], "test": ["80:104:3"]}
+    got = split_indices(slabs, 181, "site", gap=5)
+    assert got["val"] == [67, 69, 71, 73] and len(got["train"]) == 118
+    every = sorted(i for v in got.values() for i in v)
+    owner = {i: name for name, v in got.items() for i in v}
+    for i, j in zip(every, every[1:]):  # neighbours from different splits have >= 5 slices between them
+        assert owner[i] == owner[j] or j - i - 1 >= 5
+    with pytest.raises(InputError, match="4 apart, expected at least 'data.split_gap' = 5"):
+        split_indices({"train": ["0:62"], "val": ["66:75"]}, 181, "site", gap=5)
+    assert split_indices({"train": ["0:62"], "val": ["66:75"]}, 181, "site", gap=4)["val"][0] == 66
+
+
+def test_reslice_gives_coronal_and_sagittal_slices_superior_up() -> None:
+    volume = np.arange(5 * 6 * 7, dtype=np.float64).reshape(5, 6, 7)  # (z, y, x), z up
+    assert reslice(volume, "axial") is volume or np.array_equal(reslice(volume, "axial"), volume)
+    coronal, sagittal = reslice(volume, "coronal"), reslice(volume, "sagittal")
+    assert coronal.shape == (6, 5, 7) and sagittal.shape == (7, 5, 6)
+    for z in range(5):
+        assert np.array_equal(coronal[2, 4 - z, :], volume[z, 2, :])  # row 0 = the top slice
+        assert np.array_equal(sagittal[3, 4 - z, :], volume[z, :, 3])
+    with pytest.raises(InputError, match="anatomy.orientation"):
+        reslice(volume, "oblique")
 
 
 def test_fit_matrix_crops_like_fastmri_and_pads_back() -> None:
