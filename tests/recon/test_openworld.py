@@ -27,7 +27,7 @@ def _config(tmp_path: Path, **changes) -> Path:
     cfg = {
         "priors": {"brain": "source_brain", "knee": "stanford_knee"},
         "domains": {"brain": {"site": "source_brain", "overrides": TINY, "anatomy": "brain", "own_prior": "brain"},
-                    "other": {"site": "unseen_center", "overrides": TINY + ["acquisition.mask_type=random_1d"],
+                    "other": {"site": "unseen_center_template", "overrides": TINY + ["acquisition.mask_type=random_1d"],
                               "anatomy": "knee", "own_prior": "knee"}},
         "slices": 2, "adaptation_slices": 1, "oracle_grid": [0.001, 0.01, 0.1],
         "methods": {"classical": ["zero_filled", "tv"], "every_cell": ["unadapted_sure", "biasrecon"],

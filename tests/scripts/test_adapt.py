@@ -36,7 +36,7 @@ SCRIPT = ROOT / "scripts" / "adapt.py"
 SITE = ["site.acquisition.matrix=[32,32]", "site.data.num_subjects=2", "site.data.slices_per_subject=2",
         "site.coils.count=4", "site.acquisition.center_fraction=0.25", "site.acquisition.acceleration=3"]
 FAST = ["biasrecon.num_steps=2", "biasrecon.lam_grid=[0.01,0.1]"]
-MASK = dict(mask_type="random_1d", acceleration=3.0, center_fraction=0.25)  # unseen_center's, as overridden
+MASK = dict(mask_type="random_1d", acceleration=3.0, center_fraction=0.25)  # unseen_center_template's, as overridden
 
 
 def _load_script():
@@ -65,7 +65,7 @@ def _read(path: Path, key: str = "reconstruction") -> np.ndarray:
 def scan_run(tmp_path_factory):
     """Mode scan, default methods, 3 slices: a full volume and a volume cut to one slice (2 batches)."""
     out = tmp_path_factory.mktemp("scan") / "out"
-    assert adapt.main(["--site", "unseen_center", "--out", str(out), "--max-slices", "3", *SITE, *FAST]) == 0
+    assert adapt.main(["--site", "unseen_center_template", "--out", str(out), "--max-slices", "3", *SITE, *FAST]) == 0
     return out
 
 
@@ -74,7 +74,7 @@ def site_run(tmp_path_factory):
     """Mode site on 2 slices, saving a new profile with --profile."""
     base = tmp_path_factory.mktemp("site")
     out, profile = base / "out", base / "unseen.json"
-    argv = ["--site", "unseen_center", "--out", str(out), "--max-slices", "2", "--profile", str(profile),
+    argv = ["--site", "unseen_center_template", "--out", str(out), "--max-slices", "2", "--profile", str(profile),
             "mode=site", "calib_slices=2", *SITE, *FAST]
     assert adapt.main(argv) == 0
     return out, profile
@@ -121,7 +121,7 @@ def test_figures_profile_and_config_are_written(scan_run):
         assert (scan_run / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     profile = load_profile(scan_run / "profile.json")
     digest = hashlib.sha256(PRIOR_FILE.read_bytes()).hexdigest()
-    assert profile.prior == digest and profile.site == "unseen_center"
+    assert profile.prior == digest and profile.site == "unseen_center_template"
     assert profile.gamma.shape[1] == 3 and profile.gamma.numel() < 100
     assert profile.extra["mode"] == "scan" and len(profile.extra["calibrated_on"]) == 2  # the first batch
     files = _data_files(scan_run)
@@ -145,7 +145,7 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     crafted = save_profile(tmp_path / "crafted.json", calibration, original.site, original.prior)
     reuse = tmp_path / "reuse"
     data = _data_files(out)[0]
-    argv = ["--site", "unseen_center", "--data", str(data), "--out", str(reuse), "--profile", str(crafted),
+    argv = ["--site", "unseen_center_template", "--data", str(data), "--out", str(reuse), "--profile", str(crafted),
             "methods=[biasrecon]", *SITE, *FAST]
     assert adapt.main(argv) == 0
     assert torch.equal(load_profile(reuse / "profile.json").gamma, gamma)  # the reused γ, exactly
@@ -176,7 +176,7 @@ def test_profile_round_trip_gives_the_same_gamma_and_reconstruction(site_run, tm
     assert metrics["biasrecon"]["val_loss_best"] <= metrics["biasrecon"]["val_loss_zero"]
     before = profile_path.read_bytes()
     again = tmp_path / "again"
-    argv = ["--site", "unseen_center", "--out", str(again), "--max-slices", "2", "--profile", str(profile_path),
+    argv = ["--site", "unseen_center_template", "--out", str(again), "--max-slices", "2", "--profile", str(profile_path),
             "methods=[biasrecon]", *SITE, *FAST]
     assert adapt.main(argv) == 0
     assert profile_path.read_bytes() == before  # reused, not rewritten
@@ -199,7 +199,7 @@ def test_single_coil_prospective_file_without_target(scan_run, tmp_path):
     with h5py.File(data / "single.h5", "w") as hf:
         hf.create_dataset("kspace", data=kspace)
     out = tmp_path / "out"
-    assert adapt.main(["--site", "unseen_center", "--data", str(data), "--out", str(out),
+    assert adapt.main(["--site", "unseen_center_template", "--data", str(data), "--out", str(out),
                        "methods=[unadapted]", *FAST]) == 0
     written = _read(out / "reconstructions" / "unadapted" / "single.h5")
     assert written.shape == kspace.shape and np.isfinite(written).all()
@@ -273,7 +273,7 @@ def _assert_bad_input(capsys, out: Path, argv: list[str], fragment: str) -> None
 )
 def test_bad_overrides(tmp_path, capsys, extra, fragment):
     out = tmp_path / "out"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--out", str(out), *extra], fragment)
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--out", str(out), *extra], fragment)
 
 
 def test_unknown_site_from_the_command_line(tmp_path):
@@ -288,7 +288,7 @@ def test_unknown_site_from_the_command_line(tmp_path):
 
 def test_missing_data_path(tmp_path, capsys):
     out = tmp_path / "out"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--data", str(tmp_path / "absent"), "--out", str(out)],
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--data", str(tmp_path / "absent"), "--out", str(out)],
                       "absent")
 
 
@@ -297,14 +297,14 @@ def test_corrupt_h5(tmp_path, capsys):
     data.mkdir()
     (data / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     out = tmp_path / "out"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--data", str(data), "--out", str(out)], "broken.h5")
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--data", str(data), "--out", str(out)], "broken.h5")
 
 
 def test_out_inside_data(scan_run, tmp_path, capsys):
     data = _data_files(scan_run)[0].parent
     before = sorted(p.name for p in data.iterdir())
     out = data / "results"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--data", str(data), "--out", str(out)], "--out")
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--data", str(data), "--out", str(out)], "--out")
     assert sorted(p.name for p in data.iterdir()) == before
 
 
@@ -312,7 +312,7 @@ def test_pickle_prior(tmp_path, capsys):
     prior = tmp_path / "prior.pt"
     torch.save({"weight": torch.zeros(2)}, prior)
     out = tmp_path / "out"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--prior", str(prior), "--out", str(out)], "pickle")
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--prior", str(prior), "--out", str(out)], "pickle")
 
 
 def test_profile_of_another_prior(site_run, tmp_path, capsys):
@@ -323,13 +323,13 @@ def test_profile_of_another_prior(site_run, tmp_path, capsys):
     other.write_text(json.dumps(record))
     assert original.prior != record["prior"]
     out = tmp_path / "out"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--profile", str(other), "--out", str(out)], "'prior'")
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--profile", str(other), "--out", str(out)], "'prior'")
 
 
 @pytest.mark.parametrize("value", ["no_such_prior", "missing/prior.safetensors"])
 def test_unknown_prior_name_or_missing_file(tmp_path, capsys, value):
     out = tmp_path / "out"
-    _assert_bad_input(capsys, out, ["--site", "unseen_center", "--prior", value, "--out", str(out)],
+    _assert_bad_input(capsys, out, ["--site", "unseen_center_template", "--prior", value, "--out", str(out)],
                       f"key '--prior' is '{value}'")
 
 
@@ -346,7 +346,7 @@ def test_misfit_gate_leaves_the_prior_unadapted_and_says_so(tmp_path, capsys):
     """A limit below the data's χ²: BiasRecon skips its calibration on every slice, says so, and its images are
     those of the unadapted prior with SURE (the same λ-step on the same chain)."""
     out = tmp_path / "out"
-    argv = ["--site", "unseen_center", "--out", str(out), "--max-slices", "2", *SITE, *FAST,
+    argv = ["--site", "unseen_center_template", "--out", str(out), "--max-slices", "2", *SITE, *FAST,
             "biasrecon.misfit_limit=0.01", "methods=[biasrecon,unadapted_sure]"]
     assert adapt.main(argv) == 0
     printed = capsys.readouterr().out
@@ -357,3 +357,47 @@ def test_misfit_gate_leaves_the_prior_unadapted_and_says_so(tmp_path, capsys):
     assert written
     for path in written:
         np.testing.assert_array_equal(_read(path), _read(out / "reconstructions" / "unadapted_sure" / path.name))
+
+
+def _site_yaml(tmp_path: Path, prior: str | None) -> Path:
+    """unseen_center's YAML with its ``prior`` key replaced (or removed for ``None``)."""
+    lines = [line for line in (ROOT / "configs" / "sites" / "unseen_center.yaml").read_text().splitlines()
+             if not line.startswith("prior:")]
+    if prior is not None:
+        lines.insert(0, f"prior: {prior}")
+    path = tmp_path / "my_site.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_site_names_the_default_prior_and_the_command_line_overrides_it(tmp_path):
+    site = _site_yaml(tmp_path, "stanford_knee")
+    spec = adapt.spec_from_args(adapt.parse_args(["--site", str(site)]))
+    assert spec.prior.args[0] == resolve_prior("stanford_knee")
+    assert "stanford_knee" in spec.prior_reason and "key 'prior'" in spec.prior_reason
+    spec = adapt.spec_from_args(adapt.parse_args(["--site", str(site), "--prior", "source_brain"]))
+    assert spec.prior.args[0] == resolve_prior("source_brain") and "command line" in spec.prior_reason
+    spec = adapt.spec_from_args(adapt.parse_args(["--site", str(_site_yaml(tmp_path, None))]))
+    assert spec.prior.args[0] == resolve_prior("source_brain") and "names no prior" in spec.prior_reason
+
+
+def test_every_shipped_site_names_a_bundled_prior():
+    """Brain sites the real brain prior, knee sites the knee prior, template sites the template prior."""
+    from omegaconf import OmegaConf
+
+    from recon.data.sites import SITES_DIR, available_sites
+
+    expected = {"colin27_t1": "colin27_t1", "fastmri_brain": "colin27_t1", "stanford_knee": "stanford_knee",
+                "fastmri_knee": "stanford_knee", "source_brain": "source_brain", "unseen_protocol": "source_brain"}
+    for name in available_sites():  # read as YAML: loading an image site needs its (unshipped) stack
+        assert resolve_prior(OmegaConf.load(SITES_DIR / f"{name}.yaml").prior).is_file(), name
+    for name, prior in expected.items():
+        text = (ROOT / "configs" / "sites" / f"{name}.yaml").read_text()
+        assert f"\nprior: {prior} " in text, name
+
+
+def test_a_site_naming_a_missing_prior_exits_2_naming_the_site_key(tmp_path, capsys):
+    site = _site_yaml(tmp_path, "no_such_prior")
+    out = tmp_path / "out"
+    _assert_bad_input(capsys, out, ["--site", str(site), "--out", str(out)],
+                      f"{site}: key 'prior' is 'no_such_prior'")

@@ -22,11 +22,11 @@ from recon.jobs import Ranks, config_hash, read_record, write_record
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ["site.acquisition.matrix=[32,32]", "site.data.num_subjects=3", "site.data.slices_per_subject=2",
         "site.coils.count=4", "site.acquisition.center_fraction=0.25", "site.acquisition.acceleration=3"]
-ADAPT = ["--site", "unseen_center", "mode=site", "calib_slices=2", "batch_size=1", "biasrecon.num_steps=3",
+ADAPT = ["--site", "unseen_center_template", "mode=site", "calib_slices=2", "batch_size=1", "biasrecon.num_steps=3",
          "biasrecon.lam_grid=[0.01,0.1]", *SITE]
-RECON = ["--site", "unseen_center", "--method", "zero_filled,sense,unadapted", "--param", "unadapted.num_steps=3",
+RECON = ["--site", "unseen_center_template", "--method", "zero_filled,sense,unadapted", "--param", "unadapted.num_steps=3",
          *[s[len("site."):] for s in SITE]]
-FILES = [f"unseen_center_{i:03d}.h5" for i in range(100, 103)]  # the site's subject_seed_offset is 100
+FILES = [f"unseen_center_template_{i:03d}.h5" for i in range(100, 103)]  # the site's subject_seed_offset is 100
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the same arithmetic in every process
 
 
@@ -120,7 +120,7 @@ def _load_script(name: str):
 def test_rerun_skips_finished_volumes_and_redoes_changed_ones(tmp_path, capsys):
     reconstruct = _load_script("reconstruct")
     out = tmp_path / "out"
-    args = ["--site", "unseen_center", "--method", "zero_filled,sense", *RECON[6:], "--out", str(out)]
+    args = ["--site", "unseen_center_template", "--method", "zero_filled,sense", *RECON[6:], "--out", str(out)]
 
     def run(*extra: str) -> str:
         assert reconstruct.main([*args, *extra]) == 0
