@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -10,17 +9,11 @@ from pathlib import Path
 
 import fastmri.data
 import pytest
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "simulate_site.py"
 TINY = ["acquisition.matrix=[64,64]", "data.num_subjects=1", "data.slices_per_subject=2", "coils.count=4"]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("simulate_site_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_documented_command_runs_in_under_a_minute(tmp_path):
@@ -41,7 +34,7 @@ def test_documented_command_runs_in_under_a_minute(tmp_path):
 
 
 def test_overwrite_and_prospective_flags(tmp_path, capsys):
-    script = _script()
+    script = load_script("scripts/simulate_site.py")
     out = tmp_path / "sim"
     assert script.main(["--site", "source_brain", "--out", str(out), "--seed", "1", *TINY]) == 0
     (path,) = out.glob("*.h5")
@@ -52,7 +45,7 @@ def test_overwrite_and_prospective_flags(tmp_path, capsys):
 
 
 def _fails(args, tmp_path, capsys, *fragments):
-    script = _script()
+    script = load_script("scripts/simulate_site.py")
     code = script.main(args)
     err = capsys.readouterr().err
     assert code == 2
@@ -82,7 +75,7 @@ def test_fastmri_site_without_root_exits_2(tmp_path, capsys):
 
 
 def test_existing_file_is_not_overwritten_without_flag(tmp_path, capsys):
-    script = _script()
+    script = load_script("scripts/simulate_site.py")
     out = tmp_path / "sim"
     assert script.main(["--site", "source_brain", "--out", str(out), *TINY]) == 0
     (path,) = out.glob("*.h5")
