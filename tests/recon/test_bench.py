@@ -11,20 +11,18 @@ from scores.samplers import TweedieSampler  # the sampler loop (recon sees it th
 
 
 class SmoothingPrior(nn.Module):
-    """A tiny frozen denoiser with two convolutions (what the γ calibration hooks)."""
+    """A tiny frozen denoiser, two constant 3×3 convolutions on (real, imaginary): what the γ calibration hooks."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Conv2d(2, 2, 3, padding=1, bias=False, groups=2) for _ in range(2)])
-        for conv in self.blocks:
-            conv.weight.data[:] = 1 / 9
-            conv.weight.requires_grad_(False)
+        self.net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1))
+        for weight in self.net.parameters():
+            nn.init.constant_(weight, 1 / 36)
+        self.requires_grad_(False)
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        h = torch.cat([x.real, x.imag], dim=1).float()
-        for conv in self.blocks:
-            h = conv(h)
-        return torch.complex(h[:, :1], h[:, 1:])
+        out = self.net(torch.view_as_real(x[:, 0]).permute(0, 3, 1, 2).float())
+        return torch.complex(out[:, 0], out[:, 1])[:, None]
 
 
 def test_synthetic_slice_is_seeded_normalised_and_sampled_on_its_mask():
