@@ -4,9 +4,12 @@ Never imports scores/: the prior (``denoise(x, sigma)``) and the sampler loop re
 ``Prior`` and ``Sampler`` protocols of :mod:`recon.biasrecon`, handed over by the scripts.
 
 Layers, bottom up: maths (``fft``, ``operators``, ``masks``, ``coils``, ``dc``, ``sure``,
-``metrics``, ``data``), algorithms (``adapt`` — calibration, profiles, the k-space split —,
+``metrics``), data in and out (``data``: readers, the simulator, ``data.transforms`` for the
+submission format), algorithms (``adapt`` — calibration, profiles, the k-space split —,
 ``baselines``, ``biasrecon``), the method table (``methods``) and the settings schema (``config``),
-and the app layer the scripts run (``runner`` over ``jobs``, ``figures``, ``data.transforms``).
+and the app layer the scripts run (``runner`` over ``jobs`` and ``figures``, ``openworld``,
+``bench``). A module imports from its own layer or below, and the import graph has no cycle
+(``tests/test_imports.py``).
 """
 
 import importlib as _importlib

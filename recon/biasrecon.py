@@ -64,7 +64,7 @@ from recon.errors import InputError
 from recon.operators import Sense, conjugate_gradient
 from recon.sure import complex_normal, estimate_sigma, probe, residual_sigma, sampled_count, sure_over_grid
 
-__all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "BiasRecon", "reference_loss"]
+__all__ = ["Prior", "Sampler", "BiasReconSettings", "BiasReconResult", "SureChain", "BiasRecon", "reference_loss"]
 
 AdaptMode = Literal["gamma", "full", "lora", "lam", "none"]
 ADAPT_MODES: tuple[str, ...] = get_args(AdaptMode)
@@ -318,6 +318,32 @@ def reference_loss(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def _sense_start(op: Sense, kspace: torch.Tensor, cg_iters: int) -> torch.Tensor:
     """The SENSE estimate every chain starts from: ``(AᴴA + 10⁻³I)⁻¹Aᴴy``. Shape ``(B, 1, H, W)``."""
     return conjugate_gradient(op.normal, op.A_adjoint(kspace), 1e-3, max_iter=cg_iters).x
+
+
+@dataclass(frozen=True)
+class SureChain:
+    """The x-step chain run once on ``y`` and on the probed ``y + εb``: the λ-step's one costly part.
+
+    Every candidate λ is then one prox away: ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴyₛ + λx̂ₛ)`` for both copies
+    ``s`` (:meth:`prox`), ``x̂`` the chain's last denoised estimate of each copy.
+
+    Shape: ``ys`` ``(2B, C, H, W)`` = ``[y; y + εb]`` complex64, ``pair`` the Sense operator stacked twice,
+    ``probe`` ``b`` like ``y`` (zero where not sampled), ``x_hat`` ``(2B, 1, H, W)``, ``fixed`` ``(B, 1, H, W)``
+    the unperturbed chain's own output at its fixed λ; ``sampled`` the count ``m`` of sampled entries of ``y``.
+    """
+
+    pair: Sense
+    ys: torch.Tensor
+    probe: torch.Tensor
+    epsilon: float
+    x_hat: torch.Tensor
+    fixed: torch.Tensor
+    sampled: int
+    cg_iters: int
+
+    def prox(self, lam: float) -> torch.Tensor:
+        """``x₀(λ)`` of both copies, ``(2B, 1, H, W)``: the first ``B`` from ``y``, the rest from ``y + εb``."""
+        return prox(self.pair, self.ys, self.x_hat, lam, self.cg_iters)
 
 
 class _CalibratingPrior:
@@ -621,11 +647,22 @@ class BiasRecon:
         ``x₀(λ) = (AᴴA + λI)⁻¹(Aᴴy + λx̂)`` mostly changes the measured part (for one coil, only it), so
         the measurement-domain risk that SURE estimates is the error that λ controls — provided the forward
         model explains the data; where it does not, ``sure_sigma="residual"`` counts the misfit as noise.
-        Maths: ``SURE(λ) = ‖y − f(y)‖² − mσ² + σ² Re⟨b, f(y + εb) − f(y)⟩/ε`` over the ``m``
-        sampled entries (:func:`recon.sure.sure_over_grid`), ``b = M(n₁ + i n₂)``,
-        ``ε = sure_epsilon·σ`` (σ: ``sure_sigma``), ``f(y) = A x₀(y; λ)`` through the whole chain (``x̂`` depends on ``y``).
+        Two parts: :meth:`sure_chain` runs the chain, :meth:`choose_lambda` picks λ on it.
         """
-        sigma = self.sure_sigma
+        chain = self.sure_chain()
+        lam, image, curve = self.choose_lambda(chain)
+        return lam, image, curve, chain.fixed
+
+    @torch.no_grad()
+    def sure_chain(self, sigma: float | None = None) -> SureChain:
+        """Run the x-step chain at the fixed λ on ``y`` and on ``y + εb`` together (the λ-step's first part).
+
+        Maths: ``b = M(n₁ + i n₂)`` from the seeded probe generator (``seed + 104729``),
+        ``ε = sure_epsilon · σ``, σ the given ``sigma`` or :attr:`sure_sigma`; the chain's ``x̂`` depends on
+        ``y``, so SURE's divergence runs through the whole chain.
+        Shape: see :class:`SureChain` (``B`` = the batch of ``y``).
+        """
+        sigma = self.sure_sigma if sigma is None else sigma
         n = self.y.shape[0]
         b = probe(self.op.mask, tuple(self.y.shape), torch.Generator().manual_seed(self.s.seed + 104729),
                   device=self.device)
@@ -634,17 +671,31 @@ class BiasRecon:
         mask = self.op.mask.repeat(2, 1, 1, 1) if self.op.mask.dim() == 4 else self.op.mask
         pair = Sense(self.op.sens_maps.repeat(2, 1, 1, 1), mask, fused=self.op.fused)
         x0, x_hat = self.x_step_chain(pair, ys, self.lam, copies=2)
+        return SureChain(pair=pair, ys=ys, probe=b, epsilon=eps, x_hat=x_hat, fixed=x0[:n],
+                         sampled=sampled_count(self.op.mask, tuple(self.y.shape)), cg_iters=self.s.cg_iters)
+
+    @torch.no_grad()
+    def choose_lambda(self, chain: SureChain, sigma: float | None = None,
+                      ) -> tuple[float, torch.Tensor, list[tuple[float, float]]]:
+        """λ of ``lam_grid`` (refined if ``sure_refine``) minimising SURE on ``chain``; returns ``(λ, x₀(λ), curve)``.
+
+        Maths: ``SURE(λ) = ‖y − f(y)‖² − mσ² + σ² Re⟨b, f(y + εb) − f(y)⟩/ε`` over the ``m`` sampled entries
+        (:func:`recon.sure.sure_over_grid`), ``f(y) = A x₀(y; λ)``; σ the given ``sigma`` or :attr:`sure_sigma`.
+        Shape: ``x₀(λ)`` ``(B, 1, H, W)``; ``curve`` the ``(λ, SURE)`` pairs evaluated.
+        """
+        sigma = self.sure_sigma if sigma is None else sigma
+        n = self.y.shape[0]
         images: list[torch.Tensor] = []
 
         def measure(lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-            x0 = prox(pair, ys, x_hat, lam, self.s.cg_iters)
+            x0 = chain.prox(lam)
             images.append(x0[:n])
-            f = pair.A(x0)
+            f = chain.pair.A(x0)
             return f[:n], f[n:]
 
-        choice = sure_over_grid(self.y, b, eps, sigma, sampled_count(self.op.mask, tuple(self.y.shape)),
-                                self.s.lam_grid, measure, refine=self.s.sure_refine)
-        return choice.lam, images[choice.index], choice.curve, x0[:n]
+        choice = sure_over_grid(self.y, chain.probe, chain.epsilon, sigma, chain.sampled, self.s.lam_grid, measure,
+                                refine=self.s.sure_refine)
+        return choice.lam, images[choice.index], choice.curve
 
     def calibrate(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> None:
         """Every calibration step along the sampler's loop, then :meth:`final_guard` (nothing when

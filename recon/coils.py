@@ -4,12 +4,16 @@ Sensitivity maps have the shape of k-space, ``(coils, H, W)`` or ``(batch, coils
 ``torch.complex64``. The SENSE combination ``sum_c conj(S_c) x_c`` is the adjoint of the Sense
 operator and lives in :mod:`recon.operators`. The centre detector (:func:`detect_acs`) is the one
 the maps (ESPIRiT's calibration block, :func:`acs_width`) and BiasRecon's Θ/Λ split both use.
+
+A maths module: it imports only ``errors`` and ``masks``, and reads a slice through the small
+:class:`MultiCoilSlice` protocol, so the data layer (``recon.data``, whose ``Sample`` fits the
+protocol) may use it — :func:`rss` in the intensity normalisation — and not the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,10 +21,7 @@ import torch
 from recon.errors import InputError
 from recon.masks import center_box
 
-if TYPE_CHECKING:  # recon.data imports this module (rss)
-    from recon.data.sample import Sample
-
-__all__ = ["detect_acs", "acs_width", "espirit_maps", "sensitivity_maps", "ESPIRIT_CROP", "rss"]
+__all__ = ["detect_acs", "acs_width", "espirit_maps", "sensitivity_maps", "MultiCoilSlice", "ESPIRIT_CROP", "rss"]
 
 _ESPIRIT_KERNEL_WIDTH = 6  # sigpy's default calibration kernel width
 _MIN_CALIB_WIDTH = 7  # espirit_maps needs calib_width > its kernel width 6
@@ -189,7 +190,30 @@ def espirit_maps(
     return torch.from_numpy(maps).to(kspace.device)
 
 
-def sensitivity_maps(sample: "Sample", oracle: bool = False, max_calib_width: int = _MAX_CALIB_WIDTH,
+class MultiCoilSlice(Protocol):
+    """What :func:`sensitivity_maps` reads of a slice; :class:`recon.data.Sample` is one.
+
+    Shape: ``kspace`` ``(C, H, W)`` complex64; ``mask`` broadcastable to it (0/1); ``sens_maps``
+    ``(C, H, W)`` complex64 or ``None``; ``fname`` and ``slice_idx`` name the slice in errors.
+    """
+
+    @property
+    def kspace(self) -> torch.Tensor: ...
+
+    @property
+    def mask(self) -> torch.Tensor: ...
+
+    @property
+    def sens_maps(self) -> torch.Tensor | None: ...
+
+    @property
+    def fname(self) -> str: ...
+
+    @property
+    def slice_idx(self) -> int: ...
+
+
+def sensitivity_maps(sample: MultiCoilSlice, oracle: bool = False, max_calib_width: int = _MAX_CALIB_WIDTH,
                      crop: float = ESPIRIT_CROP) -> torch.Tensor:
     """Coil sensitivities of a slice, shared by every method.
 

@@ -174,6 +174,24 @@ def test_sure_lambda_step_picks_its_curve_minimum_and_returns_that_prox():
         torch.testing.assert_close(result.image, prox(op, y, x_hat, result.lam, st.cg_iters), rtol=1e-5, atol=1e-6)
 
 
+def test_lambda_step_is_the_chain_then_the_choice_and_the_choice_takes_another_sigma():
+    """``lambda_step`` = ``sure_chain`` (run the chain once) then ``choose_lambda`` (SURE over the grid on it)."""
+    op, y, _, sigma = _problem(sigma=0.05)
+    st = BiasReconSettings(**{**SETTINGS, "sure": True, "lam_grid": (0.001, 0.01, 0.1, 1.0)}, adapt="none",
+                           noise_sigma=sigma)
+    lam, image, curve, fixed = _optimizer(BlurDenoiser(), op, y, st).lambda_step()
+    recon = _optimizer(BlurDenoiser(), op, y, st)
+    chain = recon.sure_chain()
+    assert chain.ys.shape[0] == 2 * y.shape[0] and chain.epsilon == st.sure_epsilon * recon.sure_sigma
+    torch.testing.assert_close(chain.fixed, fixed, rtol=0, atol=0)
+    lam2, image2, curve2 = recon.choose_lambda(chain)
+    assert (lam2, curve2) == (lam, curve)
+    torch.testing.assert_close(image2, image, rtol=0, atol=0)
+    torch.testing.assert_close(chain.prox(lam)[: y.shape[0]], image, rtol=0, atol=0)
+    lam_big, _, curve_big = recon.choose_lambda(chain, sigma=100 * recon.sure_sigma)  # a σ that swamps the data
+    assert lam_big == max(lam for lam, _ in curve_big) and curve_big != curve
+
+
 def test_sure_tracks_the_true_measurement_risk_of_the_final_prox():
     """Averaged over noise draws, SURE(λ) of the whole chain equals ‖A x₀(λ) − A x_true‖²."""
     op, _, img, sigma = _problem(sigma=0.05)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from recon.runner import noise_level, plan_batches
 from recon.sure import estimate_sigma
 from scores.priors import load_prior, resolve_prior
 from scores.samplers import TweedieSampler
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "adapt.py"
@@ -39,15 +39,7 @@ FAST = ["biasrecon.num_steps=2", "biasrecon.lam_grid=[0.01,0.1]"]
 MASK = dict(mask_type="random_1d", acceleration=3.0, center_fraction=0.25)  # unseen_center_template's, as overridden
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("adapt_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-adapt = _load_script()
+adapt = load_script("scripts/adapt.py")
 PRIOR_FILE = resolve_prior("source_brain")
 
 

@@ -3,9 +3,6 @@ reference, every row's numbers are those of the reconstructions recomputed by ha
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +14,11 @@ from recon.methods import prior_settings, run_baseline, slice_scores
 from recon.operators import Sense
 from scores.priors import load_prior, resolve_prior
 from scores.samplers import TweedieSampler
+from tests.conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 SITE = ["acquisition.matrix=[34,34]", "data.num_subjects=1", "data.slices_per_subject=2", "coils.count=6",
         "acquisition.center_fraction=0.25", "acquisition.acceleration=3"]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load()
+evaluate = load_script("scripts/evaluate.py")
 
 
 def test_rows_are_the_recomputed_scores_and_the_oracle_is_the_best_grid_point(tmp_path, single_thread):

@@ -19,7 +19,6 @@ use a tiny safetensors prior written here (fast to load) with ``--max-slices 1``
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import pickle
 import random
@@ -40,22 +39,15 @@ from recon.data import ismrmrd_header, write_kspace_volume
 from scores.checkpoints import save_checkpoint
 from scores.config import NetworkConfig, PriorConfig, prior_config_to_dict
 from scores.model import ScoreModel
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPT = ROOT / "scripts" / "adapt.py"
 RECONSTRUCT = ROOT / "scripts" / "reconstruct.py"
 
 
-def _load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-adapt = _load_script("hostile_adapt_script", ADAPT)
-reconstruct = _load_script("hostile_reconstruct_script", RECONSTRUCT)
+adapt = load_script("scripts/adapt.py", "hostile_adapt_script")
+reconstruct = load_script("scripts/reconstruct.py", "hostile_reconstruct_script")
 MAINS = {"adapt": adapt.main, "reconstruct": reconstruct.main}
 
 COILS, H, W = 4, 32, 32

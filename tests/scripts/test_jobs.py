@@ -4,7 +4,6 @@ subprocesses on a tiny simulated site: 3 volumes of 2 slices, 32 x 32, 4 coils).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from recon.jobs import Ranks, config_hash, read_record, write_record
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ["site.acquisition.matrix=[32,32]", "site.data.num_subjects=3", "site.data.slices_per_subject=2",
@@ -109,16 +109,8 @@ def test_reconstruct_on_two_torchrun_processes_equals_one_process(recon_single, 
             assert sharded_metrics[method][key] == single_metrics[method][key], (method, key)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script_jobs", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rerun_skips_finished_volumes_and_redoes_changed_ones(tmp_path, capsys):
-    reconstruct = _load_script("reconstruct")
+    reconstruct = load_script("scripts/reconstruct.py", "reconstruct_script_jobs")
     out = tmp_path / "out"
     args = ["--site", "unseen_center_template", "--method", "zero_filled,sense", *RECON[6:], "--out", str(out)]
 

@@ -5,10 +5,6 @@ image (the issue's real case, built here from a generated image stack instead of
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
@@ -16,16 +12,7 @@ import torch
 
 from recon.data.sites import load_site, simulate_site
 from recon.metrics import psnr, ssim
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script_raw", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +30,7 @@ def prospective(tmp_path_factory):
                  'data.splits.train=["0:1"]', 'data.splits.val=["1:2"]', 'data.splits.test=["2:4"]']
     files = simulate_site(load_site("siat_head_t2", overrides), tmp / "data", seed=0, prospective=True)
     out = tmp / "out"
-    reconstruct = _load("reconstruct")
+    reconstruct = load_script("scripts/reconstruct.py", "reconstruct_script_raw")
     assert reconstruct.main(["--site", "siat_head_t2", "--data", str(tmp / "data"), "--out", str(out),
                              "--method", "sense,unadapted_sure", "--prior", "source_brain", *overrides]) == 0
     return files, out

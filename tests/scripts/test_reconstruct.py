@@ -3,7 +3,6 @@ fastmri.evaluate, metrics.json equal to recomputed numbers, best-λ tuning, and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from fastmri import evaluate as fm_eval
 from recon.coils import sensitivity_maps
 from recon.methods import CLASSICAL_METHODS, run_baseline
 from recon.data import FastMRISliceDataset
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "reconstruct.py"
@@ -25,15 +25,7 @@ TINY = ["acquisition.matrix=[64,64]", "data.num_subjects=2", "data.slices_per_su
 FAST = ["--param", "l1wavelet.max_iter=40", "--param", "tv.max_iter=40", "--param", "sense.max_iter=15"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reconstruct_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-reconstruct = _load_script()
+reconstruct = load_script("scripts/reconstruct.py")
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +194,6 @@ def test_prior_is_a_bundled_name_or_a_file_and_checked_first(tmp_path, capsys):
 
 def test_same_output_shape_as_adapt_for_a_file_with_a_recon_size_header(full_run, tmp_path):
     """fastMRI's recon_size from the header decides the submission size, whatever the target's size."""
-    import importlib.util as _util
-
     from recon.data import ismrmrd_header, write_kspace_volume
 
     source = _data_files(full_run)[0]
@@ -215,9 +205,7 @@ def test_same_output_shape_as_adapt_for_a_file_with_a_recon_size_header(full_run
     out_r, out_a = tmp_path / "r", tmp_path / "a"
     assert reconstruct.main(["--site", "source_brain", "--method", "zero_filled", "--data", str(data),
                              "--out", str(out_r), *TINY]) == 0
-    spec = _util.spec_from_file_location("adapt_for_shape", ROOT / "scripts" / "adapt.py")
-    adapt = _util.module_from_spec(spec)
-    spec.loader.exec_module(adapt)
+    adapt = load_script("scripts/adapt.py", "adapt_for_shape")
     assert adapt.main(["--site", "source_brain", "--data", str(data), "--out", str(out_a), "methods=[zero_filled]",
                        *[f"site.{t}" for t in TINY]]) == 0
     shapes = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,11 @@ import fastmri.data
 import h5py
 import numpy as np
 import pytest
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "simulate_site.py"
 TINY = ["acquisition.matrix=[64,64]", "data.num_subjects=1", "data.slices_per_subject=2", "coils.count=4"]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("simulate_site_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_documented_command_writes_the_demo_site_from_the_packaged_slices(tmp_path):
@@ -44,7 +37,7 @@ def test_documented_command_writes_the_demo_site_from_the_packaged_slices(tmp_pa
 
 
 def test_overwrite_and_prospective_flags(tmp_path, capsys):
-    script = _script()
+    script = load_script("scripts/simulate_site.py")
     out = tmp_path / "sim"
     assert script.main(["--site", "source_brain", "--out", str(out), "--seed", "1", *TINY]) == 0
     (path,) = out.glob("*.h5")
@@ -55,7 +48,7 @@ def test_overwrite_and_prospective_flags(tmp_path, capsys):
 
 
 def _fails(args, tmp_path, capsys, *fragments):
-    script = _script()
+    script = load_script("scripts/simulate_site.py")
     code = script.main(args)
     err = capsys.readouterr().err
     assert code == 2
@@ -85,7 +78,7 @@ def test_fastmri_site_without_root_exits_2(tmp_path, capsys):
 
 
 def test_existing_file_is_not_overwritten_without_flag(tmp_path, capsys):
-    script = _script()
+    script = load_script("scripts/simulate_site.py")
     out = tmp_path / "sim"
     assert script.main(["--site", "source_brain", "--out", str(out), *TINY]) == 0
     (path,) = out.glob("*.h5")

@@ -1,23 +1,11 @@
-"""scripts/lambda_step.py: its table's gains are the per-slice differences of the records, and bad input exits 2
+"""studies/lambda_step.py: its table's gains are the per-slice differences of the records, and bad input exits 2
 before anything is computed or written."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("lambda_step_script", ROOT / "scripts" / "lambda_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def _record(fixed, noise, residual, oracle, chi2):
@@ -26,10 +14,10 @@ def _record(fixed, noise, residual, oracle, chi2):
 
 
 def test_report_gains_are_the_mean_and_worst_per_slice_differences():
-    script = _load()
+    script = load_script("studies/lambda_step.py")
     records = {"a__b__4x": [_record(30.0, 29.0, 30.2, 30.5, 9.0), _record(32.0, 32.1, 31.9, 32.2, 3.0)],
                "c__d__8x": [_record(20.0, 20.0, 20.0, 20.0, None)]}
-    table = script.report(records, "python scripts/lambda_step.py")
+    table = script.report(records, "python studies/lambda_step.py")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     slices, chi2, fixed, noise, residual, oracle = rows["a__b__4x"]
@@ -40,7 +28,7 @@ def test_report_gains_are_the_mean_and_worst_per_slice_differences():
 
 
 def test_bad_cells_and_slice_counts_exit_2_naming_the_key(tmp_path, capsys):
-    script = _load()
+    script = load_script("studies/lambda_step.py")
     assert script.main(["--cells", "knee_prior/source_brain/4", "--out", str(tmp_path / "o")]) == 2
     assert "'--cells'" in capsys.readouterr().err
     assert script.main(["--slices", "40", "--out", str(tmp_path / "o")]) == 2
@@ -51,7 +39,7 @@ def test_bad_cells_and_slice_counts_exit_2_naming_the_key(tmp_path, capsys):
 def test_gate_table_sets_the_slices_above_the_limit_to_the_unadapted_prior(tmp_path):
     import json
 
-    script = _load()
+    script = load_script("studies/lambda_step.py")
     records = tmp_path / "records"
     psnr = {"unadapted": [30.0, 31.0, 32.0], "biasrecon_nosure": [29.0, 31.5, 32.2]}
     for method, values in psnr.items():

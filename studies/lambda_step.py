@@ -1,16 +1,17 @@
 """The λ-step measured: which σ SURE should weigh its divergence with, on the open-world matrix's slices.
 
-    python scripts/lambda_step.py                                  # the cells below, 6 slices each
-    python scripts/lambda_step.py --cells stanford_knee/source_brain/8 --slices 2
+    python studies/lambda_step.py                                  # the cells below, 6 slices each
+    python studies/lambda_step.py --cells stanford_knee/source_brain/8 --slices 2
 
 For each slice of each cell (``prior/domain/acceleration`` of ``configs/matrix/open_world.yaml``; the
 matrix's simulated data and coil maps under ``--matrix-out`` are reused) the unadapted prior's x-step chain
-runs once with BiasRecon's λ-step probe, and the final prox is scored against the clean reference for:
-the chain's fixed λ (the method without SURE), SURE's λ with the noise σ (corner estimate), SURE's λ with
-the regression σ of the SENSE least-squares fit (:func:`recon.sure.residual_sigma`), and the best λ of a
-wide grid (an oracle). Both SURE choices use the library's grid and refinement
-(:func:`recon.sure.sure_over_grid`); the divergence probe's step is ``sure_epsilon`` times the noise σ for
-both. Also reported: χ² = (residual σ / noise σ)², how far the forward model is from explaining the data.
+runs once with BiasRecon's λ-step probe (:meth:`recon.biasrecon.BiasRecon.sure_chain`), and the final prox
+is scored against the clean reference for: the chain's fixed λ (the method without SURE), SURE's λ with the
+noise σ (corner estimate), SURE's λ with the regression σ of the SENSE least-squares fit
+(:func:`recon.sure.residual_sigma`), and the best λ of a wide grid (an oracle). Both SURE choices are the
+library's (:meth:`recon.biasrecon.BiasRecon.choose_lambda`: its grid and refinement); the divergence probe's
+step is ``sure_epsilon`` times the noise σ for both. Also reported: χ² = (residual σ / noise σ)², how far
+the forward model is from explaining the data.
 Records go to ``OUT/records/<cell>/<slice>.json`` (a rerun skips them); the table to ``OUT/lambda_step.md``.
 
 A second table reads the matrix's own records (``--matrix-out``): BiasRecon without SURE against the unadapted
@@ -33,14 +34,12 @@ from tqdm import tqdm
 
 from recon.atomic import write_text
 from recon.biasrecon import BiasRecon
-from recon.dc import prox
 from recon.errors import InputError
 from recon.jobs import run_main
 from recon.methods import prior_settings, slice_scores
 from recon.openworld import Workspace, load_matrix
 from recon.operators import Sense
 from recon.resources import config_path
-from recon.sure import probe, sampled_count, sure_over_grid
 from scores.checkpoints import CheckpointError
 from scores.priors import load_prior, resolve_prior
 from scores.samplers import TweedieSampler
@@ -67,32 +66,21 @@ def measure_slice(ws: Workspace, prior: str, domain: str, acceleration: int, ind
     recon = BiasRecon(ws.prior(prior), op, sample.kspace[None], settings, sampler=ws.sampler)
     noise = recon.noise_sigma  # BiasRecon measured the misfit χ² = (regression σ / noise σ)² already
     residual = None if recon.misfit is None else noise * recon.misfit ** 0.5
-    b = probe(op.mask, tuple(recon.y.shape), torch.Generator().manual_seed(settings.seed + 104729))
-    eps = settings.sure_epsilon * noise
-    ys = torch.cat([recon.y, recon.y + eps * b])
-    pair = Sense(op.sens_maps.repeat(2, 1, 1, 1), op.mask, fused=op.fused)
-    _, x_hat = recon.x_step_chain(pair, ys, recon.lam, copies=2)
-    cache: dict[float, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    chain = recon.sure_chain(noise)  # the probe's step is sure_epsilon times the noise σ for both choices
 
-    def evaluate(lam: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-        if lam not in cache:
-            x0 = prox(pair, ys, x_hat, lam, settings.cg_iters)
-            f = pair.A(x0)
-            cache[lam] = (f[:1], f[1:], slice_scores(sample, x0[0, 0])["reference"][0])
-        return cache[lam]
+    def score(image: torch.Tensor) -> float:
+        return slice_scores(sample, image[0, 0])["reference"][0]
 
-    m = sampled_count(op.mask, tuple(recon.y.shape))
     picks = {}
     for name, sigma in (("sure_noise", noise), ("sure_residual", residual if residual is not None else noise)):
-        choice = sure_over_grid(recon.y, b, eps, sigma, m, settings.lam_grid, lambda lam: evaluate(lam)[:2],
-                                refine=settings.sure_refine)
-        picks[name] = {"lam": choice.lam, "psnr": evaluate(choice.lam)[2]}
-    oracle = {lam: evaluate(lam)[2] for lam in ORACLE_GRID}
+        lam, image, _ = recon.choose_lambda(chain, sigma)
+        picks[name] = {"lam": lam, "psnr": score(image)}
+    oracle = {lam: score(chain.prox(lam)) for lam in ORACLE_GRID}
     best = max(oracle, key=oracle.get)
     return {"prior": prior, "domain": domain, "acceleration": acceleration, "slice": index,
             "date": time.strftime("%Y-%m-%d"), "noise_sigma": noise, "residual_sigma": residual,
             "chi2": None if residual is None else (residual / noise) ** 2,
-            "fixed": {"lam": recon.lam, "psnr": evaluate(recon.lam)[2]}, **picks,
+            "fixed": {"lam": recon.lam, "psnr": score(chain.prox(recon.lam))}, **picks,
             "oracle": {"lam": best, "psnr": oracle[best]}, "grid": {str(k): v for k, v in oracle.items()}}
 
 
@@ -170,7 +158,7 @@ def _run(argv: list[str] | None) -> int:
             record = measure_slice(ws, prior, domain, acc, index)
             write_text(path, json.dumps(record, indent=1))
         records.setdefault(key, []).append(record)
-    command = "python scripts/lambda_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python studies/lambda_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(records, command.strip())
     chi2 = {(r["domain"], r["acceleration"], r["slice"]): r["chi2"] for recs in records.values() for r in recs
             if r["chi2"] is not None}

@@ -1,6 +1,6 @@
 """Kernel-level breakdown of Sense.normal on CUDA (torch.profiler), to see where the time goes.
 
-    python scripts/gpu_profile_normal.py   # prints the top CUDA kernels for 15×640×368, 1-D and 2-D masks
+    python studies/gpu_profile_normal.py   # prints the top CUDA kernels for 15×640×368, 1-D and 2-D masks
 """
 
 import sys

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/plot_sites.py [--out docs/figures/sites.png] [--seed 0]
+    python studies/plot_sites.py [--out docs/figures/sites.png] [--seed 0]
 
 Simulates one subject per site in a temporary folder, reads it back through
 ``FastMRISliceDataset`` with the site's mask, and writes the PNG atomically.
