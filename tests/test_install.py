@@ -39,7 +39,9 @@ def test_wheel_in_a_fresh_venv_runs_adapt(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("biasrecon-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for member in ("recon/configs/sites/source_brain.yaml", "recon/configs/biasrecon/default.yaml",
-                   "scores/weights/source_brain.safetensors", "recon/runner.py", "scores/priors.py"):
+                   "scores/weights/source_brain.safetensors", "scores/weights/colin27_t1.safetensors",
+                   "recon/data/colin27_t1_slices.npy", "recon/data/COLIN27_NOTICE.txt", "recon/runner.py",
+                   "scores/priors.py"):
         assert member in names, member
 
     venv = tmp_path / "venv"
@@ -56,8 +58,9 @@ def test_wheel_in_a_fresh_venv_runs_adapt(tmp_path):
     assert where.returncode == 0 and all(p.startswith(str(target)) for p in where.stdout.split()), where
 
     out = tmp_path / "out"
-    done = _run([str(python), str(ROOT / "scripts" / "adapt.py"), "--site", "source_brain", "--max-slices", "1",
-                 "--out", str(out), *FAST], tmp_path)
+    # the demo site: its anatomy is package data (package:recon.data/...), read from the installed wheel
+    done = _run([str(python), str(ROOT / "scripts" / "adapt.py"), "--site", "unseen_center", "--max-slices", "1",
+                 "--out", str(out), *FAST, "site.acquisition.matrix=[96,96]"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics) == ["biasrecon", "unadapted"] and metrics["unadapted"]["psnr"] > 15
