@@ -441,7 +441,8 @@ def _prior_method(plan: Plan, method: str, batch: Batch, sigma: list[float]) -> 
     layers, bands = _calibration_shape(plan.spec)
     reference = reference_stack(batch.samples) if settings.calib_loss == "reference" else None
     return BiasRecon(prior, batch.op, batch.kspace, settings, sampler=plan.spec.sampler,
-                     calibration_layers=layers, calibration_bands=bands, reference=reference).run()
+                     calibration_layers=layers, calibration_bands=bands, reference=reference).run(
+        progress=plan.ranks.is_main and sys.stderr.isatty())  # "sample j/K, level k/N" and the time left
 
 
 def _reconstruct_volume(plan: Plan, source: SliceSource, volume: int,
@@ -731,6 +732,9 @@ def _print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int,
     rate = f" ({map_seconds / computed:.2f} s/slice)" if computed else ""
     print(f"site {plan.site.name}: {count} slices of {files} files{procs} on {plan.device}, "
           f"mode {config.mode}, maps {maps}{rate}")
+    section = config.biasrecon
+    print(f"  preset {config.preset}: {section.num_steps} noise levels, {section.num_samples} posterior "
+          f"sample{'s' if section.num_samples != 1 else ''} (docs/results/speed_quality.md)")
     if skipped:
         print(f"  {skipped} slices were already done by an earlier run with the same config (skipped)")
     if kept is not None:
