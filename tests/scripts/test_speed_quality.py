@@ -43,7 +43,7 @@ def test_knee_is_the_cheapest_setting_within_the_tolerance_on_every_case():
     front = pareto_front([p for p in points if p.case == "knee" and p.method == "unadapted"])
     assert [(p.levels, p.samples) for p in front] == [(8, 1), (20, 1), (20, 4), (40, 2), (60, 4)]
     table = curve_table(points)
-    assert "| tv | — | — | 5.0 | 34.30 |" in table and "| unadapted | 40 | 2 | 100.0 | 35.30 | 0.900 | -0.10 ✓ |" in table
+    assert "| tv | — | — | 5.0 | 34.30 | 0.900 | — |" in table and "| unadapted | 40 | 2 | 100.0 | 35.30 | 0.900 | -0.10 ✓ |" in table
 
 
 TINY = ("acquisition.matrix=[32,32]", "data.num_subjects=1", "data.slices_per_subject=1", "coils.count=4",
@@ -76,7 +76,10 @@ def test_sweep_resumes_and_reports(tmp_path, monkeypatch):
     assert two.seconds > one.seconds and two.psnr != one.psnr
     runs.clear()
     assert script.main(argv) == 0 and runs == []  # resumed: nothing measured again
+    record.write_text("# Notes above\n\n" + record.read_text() + "\nNotes below.\n")
+    assert script.main([*argv, "--report-only"]) == 0
     text = record.read_text()
+    assert text.startswith("# Notes above\n") and text.endswith("\nNotes below.\n") and text.count(script.BEGIN) == 1
     assert "cpu, unadapted: **2 levels × 1 samples**" in text or "cpu, unadapted: **2 levels × 2 samples**" in text
     assert "**tiny, cpu**" in text and figure.stat().st_size > 1000
 
