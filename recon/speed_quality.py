@@ -7,7 +7,9 @@ oracle one), drawn as horizontal lines. Points are kept one per file (:class:`Po
 interrupted sweep continues where it stopped.
 
 The **knee** of a method's curve (:func:`knee_point`) is its cheapest setting whose PSNR is within
-``tolerance`` dB of the method's best PSNR on every case: the rule the shipped defaults follow.
+``tolerance`` dB of the method's best PSNR on every case: the rule the shipped defaults follow. Cheapest by
+``levels × samples``, the sampler chains' network evaluations, which the seconds of every prior method grow
+with: seconds measured on a machine shared with other jobs are not comparable from one point to the next.
 
 The unadapted prior's K-sample estimate is the mean of K chains with seeds ``seed, …, seed + K − 1``
 (:meth:`recon.biasrecon.BiasRecon.x_step_chain`), so a sweep runs each chain once and averages prefixes
@@ -134,8 +136,8 @@ def knee_point(points: Sequence[CurvePoint], method: str, tolerance: float = 0.2
                device: str | None = None) -> tuple[int, int] | None:
     """The knee of a method's curve: its cheapest ``(levels, samples)`` within ``tolerance`` dB of its best.
 
-    Maths: over the settings ``s`` measured on every case, ``argmin_s mean_c seconds(s, c)`` subject to
-    ``PSNR(s, c) ≥ max_s' PSNR(s', c) − tolerance`` for every case ``c``.
+    Maths: over the settings ``s = (levels, samples)`` measured on every case, ``argmin_s levels·samples``
+    (ties: fewer levels) subject to ``PSNR(s, c) ≥ max_s' PSNR(s', c) − tolerance`` for every case ``c``.
 
     Args:
         points: The curve's points (any methods, cases and devices).
@@ -158,7 +160,7 @@ def knee_point(points: Sequence[CurvePoint], method: str, tolerance: float = 0.2
         return None
     best = {c: max(table[(device, c, *s)].psnr for s in settings) for c in cases}
     good = [s for s in settings if all(table[(device, c, *s)].psnr >= best[c] - tolerance for c in cases)]
-    return min(good, key=lambda s: (sum(table[(device, c, *s)].seconds for c in cases), s))
+    return min(good, key=lambda s: (s[0] * s[1], s))
 
 
 def pareto_front(points: Sequence[CurvePoint]) -> list[CurvePoint]:
@@ -180,8 +182,8 @@ def curve_table(points: Sequence[CurvePoint], tolerance: float = 0.2) -> str:
         for case in sorted({p.case for p in points if p.device == device}):
             rows = [p for p in points if p.device == device and p.case == case]
             best = {m: max(p.psnr for p in rows if p.method == m) for m in {p.method for p in rows}}
-            out.append(f"**{case}, {device}**\n\n| method | levels | samples | s/slice | PSNR (dB) | SSIM | − best of method |\n"
-                       "|---|---:|---:|---:|---:|---:|---:|")
+            out.append(f"**{case}, {device}**\n\n| method | levels | samples | levels × samples | s/slice | PSNR (dB) | SSIM "
+                       "| − best of method |\n|---|---:|---:|---:|---:|---:|---:|---:|")
             for p in sorted(rows, key=lambda p: (not p.classical, p.method, p.levels, p.samples)):
                 gap = p.psnr - best[p.method]
                 levels = f"{p.levels}" if not p.classical else "—"
@@ -189,7 +191,8 @@ def curve_table(points: Sequence[CurvePoint], tolerance: float = 0.2) -> str:
                 mark = " ✓" if not p.classical and gap >= -tolerance else ""
                 name = p.method + (f" ({p.params})" if p.params else "")
                 gap_cell = "—" if p.classical else f"{gap:+.2f}{mark}"
-                out.append(f"| {name} | {levels} | {samples} | {p.seconds:.1f} | {p.psnr:.2f} | {p.ssim:.3f} | "
+                evals = "—" if p.classical else f"{p.levels * p.samples}"
+                out.append(f"| {name} | {levels} | {samples} | {evals} | {p.seconds:.1f} | {p.psnr:.2f} | {p.ssim:.3f} | "
                            f"{gap_cell} |")
             out.append("")
     return "\n".join(out)
