@@ -100,8 +100,9 @@ class Sampler(Protocol):
 class BiasReconSettings:
     """Typed settings of the optimizer: the schema of the ``biasrecon`` section of ``configs/biasrecon``.
 
-    The defaults are the measured ones (``docs/results/quality.md``); the shipped adapt YAML only
-    lowers the CPU cost (fewer noise levels and λ candidates).
+    The defaults are the measured ones (``docs/results/quality.md``, ``priors.md``); ``num_steps`` and
+    ``num_samples`` are the knee of the speed–quality curve on the real-image val splits
+    (``docs/results/speed_quality.md``; the adapt config's ``preset=fast`` is its cheap end).
 
     Attributes:
         num_steps: noise levels of the sampler; sigma_start / sigma_end: first and last level
@@ -165,8 +166,8 @@ class BiasReconSettings:
             prospective 2-D Poisson R = 8 case (``docs/results/priors.md``).
     """
 
-    num_steps: int = 20
-    num_samples: int = 1
+    num_steps: int = 60
+    num_samples: int = 2
     sigma_start: float = 0.5
     sigma_end: float = 0.01
     eta: float = 1.0
