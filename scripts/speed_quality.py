@@ -157,7 +157,8 @@ def measure_case(name: str, device: torch.device, store: PointStore, base: BiasR
 def report(store: PointStore, record: Path, figure: Path, command: str, tolerance: float = 0.2) -> str:
     """The tables, the knees and the figure of every stored point; writes ``record`` (markdown) and ``figure``.
 
-    An existing ``record`` keeps its text outside the generated part (between :data:`BEGIN` and :data:`END`)."""
+    An existing ``record`` keeps its text outside the generated part (between :data:`BEGIN` and :data:`END`;
+    appended when the file has none)."""
     points = store.points()
     if not points:
         raise InputError(f"{store.folder}: key 'points' is empty, expected measured points (run without --report-only).")
@@ -165,10 +166,18 @@ def report(store: PointStore, record: Path, figure: Path, command: str, toleranc
     knees = []
     for device in sorted({p.device for p in points}):
         for method in ("unadapted", "biasrecon"):
+            on_device = [p for p in points if p.device == device]
+            cases_of = {c for c in (p.case for p in on_device)}
+            settings = {(p.levels, p.samples) for p in on_device if p.method == method}
+            complete = [st for st in settings
+                        if all(any(p.method == method and (p.levels, p.samples) == st and p.case == c for p in on_device)
+                               for c in cases_of)]
             knee = knee_point(points, method, tolerance, device)
-            if knee is not None:
+            if knee is not None and len(complete) > 1:
                 knees.append(f"- {device}, {method}: **{knee[0]} levels × {knee[1]} samples** (cheapest within "
-                             f"{tolerance} dB of the method's best PSNR on every case)")
+                             f"{tolerance} dB of the method's best PSNR on every case, of {len(complete)} settings)")
+            elif settings:
+                knees.append(f"- {device}, {method}: no knee: {len(complete)} setting(s) measured on every case")
     cases = sorted({p.case for p in points})
     text = (f"Measured {_dt.date.today().isoformat()}; {platform.machine()} CPU, "
             f"{torch.get_num_threads()} torch thread(s) per process; torch {torch.__version__}.\n"
@@ -180,6 +189,8 @@ def report(store: PointStore, record: Path, figure: Path, command: str, toleranc
     old = record.read_text() if record.is_file() else ""
     if BEGIN in old and END in old:  # keep the hand-written text around the generated part
         text = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
+    elif old:  # a hand-written file without the generated part: append it
+        text = old.rstrip("\n") + "\n\n" + text
     write_text(record, text)
     return text
 
