@@ -1,4 +1,4 @@
-# Two commands: `make demo` runs the main job on the embedded default data, `make test` runs the tests.
+# Two commands: `make demo` runs the main job on the embedded default data (the fast preset: 8 noise levels), `make test` runs the tests.
 # Each creates (or refreshes, when pyproject.toml changed) the virtual environment .venv first.
 PYTHON ?= python3
 VENV   := .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/adapt.py --site unseen_center
+	$(PY) scripts/adapt.py --site unseen_center preset=fast
 
 test: $(STAMP)
 	$(PY) -m pytest

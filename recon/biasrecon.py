@@ -53,6 +53,7 @@ from typing import Callable, Literal, Protocol, Sequence, get_args
 
 import torch
 from torch import nn
+from tqdm import tqdm  # plain bars: tqdm.auto asks notebooks for ipywidgets
 
 from recon.adapt.calibration import FrequencyCalibration
 from recon.adapt.lora import LoRA
@@ -99,8 +100,9 @@ class Sampler(Protocol):
 class BiasReconSettings:
     """Typed settings of the optimizer: the schema of the ``biasrecon`` section of ``configs/biasrecon``.
 
-    The defaults are the measured ones (``docs/results/quality.md``); the shipped adapt YAML only
-    lowers the CPU cost (fewer noise levels and λ candidates).
+    The defaults are the measured ones (``docs/results/quality.md``, ``priors.md``); ``num_steps`` and
+    ``num_samples`` are the knee of the speed–quality curve on the real-image val splits
+    (``docs/results/speed_quality.md``; the adapt config's ``preset=fast`` is its cheap end).
 
     Attributes:
         num_steps: noise levels of the sampler; sigma_start / sigma_end: first and last level
@@ -164,8 +166,8 @@ class BiasReconSettings:
             prospective 2-D Poisson R = 8 case (``docs/results/priors.md``).
     """
 
-    num_steps: int = 20
-    num_samples: int = 1
+    num_steps: int = 60
+    num_samples: int = 2
     sigma_start: float = 0.5
     sigma_end: float = 0.01
     eta: float = 1.0
@@ -360,6 +362,27 @@ class _CalibratingPrior:
         return self.optimizer.prior.denoise(x, sigma)
 
 
+
+class _Progress:
+    """One tqdm bar over a whole run, in network evaluations, described by phase, sample ``j/K`` and level ``k/N``.
+
+    A calibration level costs ``2 + 3·theta_steps`` evaluations (the x-step's and the guard's denoisings, each
+    Adam step's forward and backward), a chain level one per copy of the batch, so the bar's estimate of the
+    time left weighs the phases by what they cost.
+    """
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, unit="eval", disable=not enabled, leave=False, dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def tick(self, label: str, cost: int) -> None:
+        self.bar.set_description_str(label, refresh=False)
+        self.bar.update(cost)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class BiasRecon:
     """The alternating optimizer for one batch of slices sharing one operator.
 
@@ -441,6 +464,7 @@ class BiasRecon:
         self._iterate = [p.detach().clone() for p in self.params]
         self.val_loss_zero = self.val_loss_best = None
         self.calibrated = False  # calibrate() has run (calibrate() then run() calibrates once)
+        self._progress: _Progress | None = None  # the bar of the running run() / calibrate(), if any
         self.calib_op, self.calib_y, self.calib_lambda = op, kspace, None
         self.x: torch.Tensor | None = None  # the calibration's own iterate
         self.heldout_weight = self._heldout_weight() if self.params and settings.calib_loss == "heldout" else None
@@ -456,7 +480,7 @@ class BiasRecon:
 
     # -- the x-step chain ---------------------------------------------------------------------------
     def x_step_chain(self, op: Sense, kspace: torch.Tensor, lam: float | torch.Tensor, copies: int = 1,
-               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               progress: bool = False, phase: str = "chain") -> tuple[torch.Tensor, torch.Tensor]:
         """Every x-step (the sampler's loop, the prox as data consistency) from the SENSE start.
 
         Deterministic for a seed; the batch may hold ``copies`` copies of ``n`` scans (SURE probes),
@@ -464,21 +488,43 @@ class BiasRecon:
         ``seed + k``) and both outputs are the means over the K runs (the prox is affine in ``x̂``,
         so the mean ``x₀`` is the prox of the mean ``x̂``). Shape: ``kspace`` ``(copies·n, C, H, W)``;
         ``lam`` a float or ``(copies·n,)``; returns the final ``x₀`` and the last denoiser estimate
-        ``x̂`` (before its prox), each ``(copies·n, 1, H, W)``.
+        ``x̂`` (before its prox), each ``(copies·n, 1, H, W)``. ``progress``: a bar ``phase: sample j/K,
+        level k/N`` with the time left (inside :meth:`run` and :meth:`calibrate`, their bar counts the levels).
         """
+        own = self._progress is None and progress
+        if own:
+            self._progress = _Progress(self.s.num_samples * len(self.sigmas) * copies, True)
+        try:
+            return self._chains(op, kspace, lam, copies, phase)
+        finally:
+            if own:
+                self._progress.close()
+                self._progress = None
+
+    def _tick(self, label: str, cost: int) -> None:
+        if self._progress is not None:
+            self._progress.tick(label, cost)
+
+    def _chains(self, op: Sense, kspace: torch.Tensor, lam: float | torch.Tensor, copies: int,
+                phase: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`x_step_chain`'s work: the ``num_samples`` chains and the means of their outputs."""
         lam_t = torch.as_tensor(lam, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
         x_start = _sense_start(op, kspace, self.s.cg_iters)
         x0_sum, x_hat_sum = None, None
-        for k in range(self.s.num_samples):
+        samples, levels = self.s.num_samples, len(self.sigmas)
+        for k in range(samples):
             last: dict[str, torch.Tensor] = {}
+            level = [0]
 
             def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
                 last["x_hat"] = x_hat
+                level[0] += 1
+                self._tick(f"{phase}: sample {k + 1}/{samples}, level {level[0]}/{levels}", copies)
                 return prox(op, kspace, x_hat, lam_t, self.s.cg_iters)
 
             x0 = self.sampler(self.prior, tuple(x_start.shape), self.sigmas, dc=dc, eta=self.s.eta,
                               generator=torch.Generator().manual_seed(self.s.seed + k), x_start=x_start,
-                              copies=copies, progress=progress)
+                              copies=copies)
             x0_sum = x0 if x0_sum is None else x0_sum + x0
             x_hat_sum = last["x_hat"] if x_hat_sum is None else x_hat_sum + last["x_hat"]
         return x0_sum / self.s.num_samples, x_hat_sum / self.s.num_samples  # exact for one sample
@@ -614,7 +660,7 @@ class BiasRecon:
 
     def chain_heldout_loss(self) -> float:
         """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters)."""
-        x0, _ = self.x_step_chain(self.val_op, self.val_y, self.lam)
+        x0, _ = self.x_step_chain(self.val_op, self.val_y, self.lam, phase="guard")
         return float(self._loss(x0, self.val_lambda))
 
     def final_guard(self) -> None:
@@ -670,7 +716,7 @@ class BiasRecon:
         ys = torch.cat([self.y, self.y + eps * b])
         mask = self.op.mask.repeat(2, 1, 1, 1) if self.op.mask.dim() == 4 else self.op.mask
         pair = Sense(self.op.sens_maps.repeat(2, 1, 1, 1), mask, fused=self.op.fused)
-        x0, x_hat = self.x_step_chain(pair, ys, self.lam, copies=2)
+        x0, x_hat = self.x_step_chain(pair, ys, self.lam, copies=2, phase="SURE chain")
         return SureChain(pair=pair, ys=ys, probe=b, epsilon=eps, x_hat=x_hat, fixed=x0[:n],
                          sampled=sampled_count(self.op.mask, tuple(self.y.shape)), cg_iters=self.s.cg_iters)
 
@@ -704,31 +750,57 @@ class BiasRecon:
         Leaves the kept parameters in place (the calibration stays attached): use it to fit a site's γ
         once (mode site) with the same guarantee as :meth:`run` — the kept γ's chain predicts ``y_Λv``
         no worse than γ = 0's. ``callback(record)`` after each θ-step (the record of :attr:`history`).
+        ``progress``: a bar with the level ``k/N`` and the estimated time left.
         """
         if not self.params or self.calibrated or self.calibration_skipped is not None:
             return
-        if self.adapt_steps:
-            with torch.no_grad():
-                x_start = _sense_start(self.calib_op, self.calib_y, self.s.cg_iters)
-            dc = lambda x_hat, sigma: prox(self.calib_op, self.calib_y, x_hat, self.lam, self.s.cg_iters)  # noqa: E731
-            self.x = self.sampler(_CalibratingPrior(self, callback), tuple(x_start.shape),
-                                  self.sigmas[: self.adapt_steps], dc=dc, eta=self.s.eta, generator=self.gen,
-                                  x_start=x_start, progress=progress)
-        self.final_guard()
-        self.calibrated = True
+        own = self._progress is None and progress
+        if own:
+            self._progress = _Progress(self._calibration_cost(), True)
+        try:
+            if self.adapt_steps:
+                with torch.no_grad():
+                    x_start = _sense_start(self.calib_op, self.calib_y, self.s.cg_iters)
+                level = [0]
+
+                def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+                    level[0] += 1
+                    self._tick(f"calibrating: level {level[0]}/{self.adapt_steps}", 2 + 3 * self.s.theta_steps)
+                    return prox(self.calib_op, self.calib_y, x_hat, self.lam, self.s.cg_iters)
+
+                self.x = self.sampler(_CalibratingPrior(self, callback), tuple(x_start.shape),
+                                      self.sigmas[: self.adapt_steps], dc=dc, eta=self.s.eta, generator=self.gen,
+                                      x_start=x_start)
+            self.final_guard()
+            self.calibrated = True
+        finally:
+            if own:
+                self._progress.close()
+                self._progress = None
+
+    def _calibration_cost(self) -> int:
+        """The calibration's network evaluations (the bar's units): its levels and the guard's chains."""
+        if not self.params or self.calibrated or self.calibration_skipped is not None:
+            return 0
+        chain = self.s.num_samples * len(self.sigmas)
+        return self.adapt_steps * (2 + 3 * self.s.theta_steps) + (len(self.s.guard_scales) + 1) * chain
 
     def run(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> BiasReconResult:
         """Calibrate (if asked), then the λ-step (if asked) or one x-step chain at the fixed λ."""
         start = time.perf_counter()
+        chain = self.s.num_samples * len(self.sigmas) * (2 if self.s.sure else 1)
+        self._progress = _Progress(self._calibration_cost() + chain, progress)
         try:
             self.calibrate(progress, callback)
             if self.s.sure:
                 lam, image, curve, fixed = self.lambda_step()
             else:
                 lam, curve = self.lam, []
-                image, _ = self.x_step_chain(self.op, self.y, lam, progress=progress)
+                image, _ = self.x_step_chain(self.op, self.y, lam)
                 fixed = image
         finally:
+            self._progress.close()
+            self._progress = None
             if self.calibration is not None:
                 self.calibration.detach()
         gamma = self.calibration.gamma.detach().clone() if self.s.adapt == "gamma" else None

@@ -7,8 +7,9 @@ field added to the settings is a config key at once. The other sections say how 
 optimizer (calibration shape, coil maps, batching, device, methods, mode).
 
 ``configs/biasrecon/default.yaml`` (shipped as package data, :func:`recon.resources.config_path`)
-changes only what costs CPU time (fewer noise levels and λ candidates); the methods of the run
-come from the method table (:mod:`recon.methods`).
+holds the schema's defaults, chosen for quality (``docs/results/speed_quality.md``); ``preset=fast``
+(:data:`PRESETS`) lowers the CPU cost for demos. The methods of the run come from the method table
+(:mod:`recon.methods`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "CalibrationSection",
     "AdaptConfig",
     "DEFAULT_CONFIG",
+    "PRESETS",
     "omegaconf_message",
     "split_overrides",
     "load_config",
@@ -42,6 +44,16 @@ __all__ = [
 
 DEFAULT_CONFIG: Path = config_path("biasrecon", "default.yaml")
 """The shipped adapt config (``configs/biasrecon/default.yaml``)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {},
+    "fast": {"biasrecon": {"num_steps": 8, "num_samples": 1}},
+}
+"""The adapt config's presets: the keys each one sets (merged after the YAML, before the command line's keys).
+
+``quality`` (the default) keeps the schema's defaults, the knee of the speed–quality curve; ``fast`` is the
+CPU demo's 8 noise levels and one posterior sample (``docs/results/speed_quality.md`` says what it costs in dB).
+"""
 
 
 def _schema_type(hint: Any) -> Any:
@@ -89,6 +101,7 @@ class CalibrationSection:
 class AdaptConfig:
     """Schema of ``configs/biasrecon/*.yaml`` (unknown keys are errors)."""
 
+    preset: str = "quality"  # a key of PRESETS: "quality" | "fast"
     biasrecon: Any = field(default_factory=BiasReconSection)  # BiasReconSection (a generated dataclass)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     maps: str = "espirit"  # "espirit" | "true"
@@ -177,6 +190,8 @@ def _checked(cfg: Any, where: str) -> AdaptConfig:
         config.maps = "true"
     if config.maps not in ("espirit", "true"):
         raise InputError(f"{where}: key 'maps' is {config.maps!r}, expected 'espirit' or 'true'.")
+    if config.preset not in PRESETS:
+        raise InputError(f"{where}: key 'preset' is {config.preset!r}, expected one of {', '.join(PRESETS)}.")
     if config.device not in ("auto", "cpu", "cuda"):
         raise InputError(f"{where}: key 'device' is {config.device!r}, expected 'auto', 'cpu' or 'cuda'.")
     if config.mode not in ("scan", "site"):
@@ -208,7 +223,10 @@ def _checked(cfg: Any, where: str) -> AdaptConfig:
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> AdaptConfig:
-    """Read the adapt config: schema ← YAML ← dotlist; validate the values the library does not.
+    """Read the adapt config: schema ← YAML ← preset ← dotlist; validate the values the library does not.
+
+    The preset (key ``preset``, from the YAML or the command line) sets its keys (:data:`PRESETS`) over the
+    YAML's; keys given on the command line override the preset's.
 
     The YAML is checked on its own first (errors name the file), then with the overrides (errors
     name the command line).
@@ -237,6 +255,19 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> AdaptConfig:
             f"{path}: {omegaconf_message(exc, top)} is not in the adapt config schema or has the wrong type."
         ) from None
     _checked(cfg, str(path))
+    merged = _with_overrides(cfg, overrides, path)
+    preset = merged.preset
+    if preset in PRESETS and PRESETS[preset]:  # the preset's keys, then the command line's again (they win)
+        merged = _with_overrides(OmegaConf.merge(cfg, PRESETS[preset]), overrides, path)
+    return _checked(merged, f"command line ({path} with overrides)")
+
+
+def _with_overrides(cfg: Any, overrides: Sequence[str], path: Path) -> Any:
+    """``cfg`` with the ``key=value`` overrides merged one at a time.
+
+    Raises:
+        InputError: an unknown key or a wrong type, naming the override.
+    """
     for item in overrides:
         key = item.partition("=")[0]
         try:
@@ -247,4 +278,4 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> AdaptConfig:
                 f"command line: override {item!r} is unknown or has the wrong type ({detail}), expected a key of "
                 f"{path.name} like biasrecon.num_steps=20 or a site key like site.acquisition.acceleration=8."
             ) from None
-    return _checked(cfg, f"command line ({path} with overrides)")
+    return cfg

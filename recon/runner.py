@@ -443,7 +443,8 @@ def _prior_method(plan: Plan, method: str, batch: Batch, sigma: list[float]) -> 
     layers, bands = _calibration_shape(plan.spec)
     reference = reference_stack(batch.samples) if settings.calib_loss == "reference" else None
     return BiasRecon(prior, batch.op, batch.kspace, settings, sampler=plan.spec.sampler,
-                     calibration_layers=layers, calibration_bands=bands, reference=reference).run()
+                     calibration_layers=layers, calibration_bands=bands, reference=reference).run(
+        progress=plan.ranks.is_main and sys.stderr.isatty())  # "sample j/K, level k/N" and the time left
 
 
 def _reconstruct_volume(plan: Plan, source: SliceSource, volume: int,
@@ -735,6 +736,9 @@ def _print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int,
           f"mode {config.mode}, maps {maps}{rate}")
     if plan.prior is not None and plan.spec.prior_reason:
         print(f"  prior: {plan.spec.prior_reason}")
+    section = config.biasrecon
+    print(f"  preset {config.preset}: {section.num_steps} noise levels, {section.num_samples} posterior "
+          f"sample{'s' if section.num_samples != 1 else ''} (docs/results/speed_quality.md)")
     if skipped:
         print(f"  {skipped} slices were already done by an earlier run with the same config (skipped)")
     if kept is not None:

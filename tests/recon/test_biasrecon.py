@@ -59,7 +59,7 @@ def _problem(seed: int = 0, sigma: float = 0.01, density: float = 0.3):
     return op, y, img, sigma
 
 
-SETTINGS = dict(num_steps=8, sigma_start=0.3, sigma_end=0.01, theta_steps=4, adapt_fraction=1.0, lr=0.03,
+SETTINGS = dict(num_steps=8, num_samples=1, sigma_start=0.3, sigma_end=0.01, theta_steps=4, adapt_fraction=1.0, lr=0.03,
                 lam=0.01, sure=False, acs_fraction=0.1, cg_iters=8, seed=3, calib_iterate="full", acs_auto=False)
 SAMPLER = TweedieSampler()
 
@@ -151,7 +151,7 @@ def test_num_samples_averages_the_chains_of_consecutive_seeds():
     base = {**SETTINGS, "eta": 1.0}
     singles = [_optimizer(BlurDenoiser(), op, y, BiasReconSettings(**{**base, "seed": 3 + k}, adapt="none"))
                .x_step_chain(op, y, 0.01) for k in range(3)]
-    st = BiasReconSettings(**base, adapt="none", num_samples=3)
+    st = BiasReconSettings(**{**base, "num_samples": 3}, adapt="none")
     x0, x_hat = _optimizer(BlurDenoiser(), op, y, st).x_step_chain(op, y, 0.01)
     torch.testing.assert_close(x0, sum(s[0] for s in singles) / 3, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x_hat, sum(s[1] for s in singles) / 3, rtol=1e-5, atol=1e-6)
@@ -455,3 +455,57 @@ def test_heldout_loss_is_density_weighted_on_a_variable_density_mask_only():
     none = _optimizer(BlurDenoiser(), op2, y2, dataclasses.replace(st, heldout_weighting="none"))
     assert none.heldout_weight is None
     none.calibration.detach()
+
+
+def test_progress_bar_names_the_phase_sample_and_level_with_the_time_left(monkeypatch):
+    """run(progress=True): one bar over the whole run, labelled 'sample j/K, level k/N', showing the time left,
+    its total the run's network evaluations; calibrate's levels as 'calibrating: level k/N'. (No timing asserted.)"""
+    import recon.biasrecon as module
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, disable, bar_format, **kwargs):
+            self.total, self.disable, self.format, self.labels, self.n = total, disable, bar_format, [], 0
+            bars.append(self)
+
+        def set_description_str(self, label, refresh=True):
+            self.labels.append(label)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(module, "tqdm", Recorder)
+    op, y, _, _ = _problem()
+    settings = BiasReconSettings(**{**SETTINGS, "num_steps": 3, "num_samples": 2, "adapt_fraction": 0.7})
+    _optimizer(BlurDenoiser(), op, y, dataclasses.replace(settings, adapt="none")).run(progress=True)
+    (bar,) = bars
+    assert not bar.disable and "{remaining}" in bar.format
+    assert bar.labels == [f"chain: sample {j}/2, level {k}/3" for j in (1, 2) for k in (1, 2, 3)]
+    assert bar.n == bar.total == 6
+    bars.clear()
+    _optimizer(BlurDenoiser(), op, y, dataclasses.replace(settings, adapt="gamma", sure=True)).run(progress=True)
+    (bar,) = bars
+    assert bar.labels[:3] == [f"calibrating: level {k}/3" for k in (1, 2, 3)]
+    assert "guard: sample 2/2, level 3/3" in bar.labels and bar.labels[-1] == "SURE chain: sample 2/2, level 3/3"
+    assert bar.n == bar.total  # the estimate of the time left counts every level the run does
+    bars.clear()
+    _optimizer(BlurDenoiser(), op, y, settings).run()
+    assert all(b.disable for b in bars)  # no bar unless asked
+
+
+def test_samples_are_the_mean_of_single_chains_with_consecutive_seeds():
+    """num_samples=K (no calibration, fixed λ) equals the mean of K one-sample runs with seeds seed … seed+K−1:
+    what scripts/speed_quality.py relies on to measure 1, 2 and 4 samples from four chains."""
+    from recon.speed_quality import mean_of_chains
+
+    op, y, _, _ = _problem()
+    base = BiasReconSettings(**{**SETTINGS, "num_steps": 4, "adapt": "none"})
+    four = _optimizer(BlurDenoiser(), op, y, dataclasses.replace(base, num_samples=4)).run().image
+    chains = [_optimizer(BlurDenoiser(), op, y, dataclasses.replace(base, seed=base.seed + k)).run().image
+              for k in range(4)]
+    torch.testing.assert_close(mean_of_chains(chains, 4), four, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mean_of_chains(chains, 2), four)

@@ -18,9 +18,9 @@ import torch
 from fastmri import evaluate as fm_eval
 
 from recon.adapt import CalibratedPrior, FrequencyCalibration, load_profile, save_profile
-from recon.biasrecon import BiasRecon
+from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.coils import sensitivity_maps
-from recon.config import DEFAULT_CONFIG, load_config, method_settings, split_overrides
+from recon.config import DEFAULT_CONFIG, PRESETS, load_config, method_settings, split_overrides
 from recon.data import FastMRISliceDataset
 from recon.fft import fft2c, ifft2c
 from recon.operators import Sense
@@ -178,7 +178,7 @@ def test_profile_round_trip_gives_the_same_gamma_and_reconstruction(site_run, tm
                                _read(out / "reconstructions" / "biasrecon" / name), rtol=1e-5, atol=1e-6)
 
 
-def test_single_coil_prospective_file_without_target(scan_run, tmp_path):
+def test_single_coil_prospective_file_without_target(scan_run, tmp_path, capsys):
     """Single-coil, undersampled k-space on its own raw scale, no target: output at the k-space matrix."""
     source = _data_files(scan_run)[0]
     coil0 = _read(source, "kspace")[:, 0]  # (slices, H, W)
@@ -192,7 +192,8 @@ def test_single_coil_prospective_file_without_target(scan_run, tmp_path):
         hf.create_dataset("kspace", data=kspace)
     out = tmp_path / "out"
     assert adapt.main(["--site", "unseen_center_template", "--data", str(data), "--out", str(out),
-                       "methods=[unadapted]", *FAST]) == 0
+                       "methods=[unadapted]", "preset=fast", *FAST]) == 0
+    assert "preset fast: 2 noise levels, 1 posterior sample " in capsys.readouterr().out  # the summary says what ran
     written = _read(out / "reconstructions" / "unadapted" / "single.h5")
     assert written.shape == kspace.shape and np.isfinite(written).all()
     zero_filled = np.abs(ifft2c(torch.from_numpy(kspace)).numpy())
@@ -236,6 +237,41 @@ def test_overrides_reach_the_typed_settings():
     assert load_config(DEFAULT_CONFIG, ["maps=true"]).maps == "true"  # YAML reads `true` as a boolean
 
 
+def _leaves(config) -> dict:
+    flat = {}
+    for key, value in dataclasses.asdict(config).items():
+        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            flat[f"{key}.{sub}" if sub else key] = v
+    return flat
+
+
+def test_preset_fast_changes_exactly_its_documented_keys():
+    """preset=fast sets the keys of recon.config.PRESETS['fast'] (8 levels, 1 sample) and nothing else; the
+    default preset is the shipped quality one (the YAML's values)."""
+    quality, fast = _leaves(load_config(DEFAULT_CONFIG)), _leaves(load_config(DEFAULT_CONFIG, ["preset=fast"]))
+    assert quality["preset"] == "quality"
+    changed = {k: v for k, v in fast.items() if quality[k] != v}
+    expected = {f"biasrecon.{k}": v for k, v in PRESETS["fast"]["biasrecon"].items()}
+    assert changed == {"preset": "fast", **{k: v for k, v in expected.items() if quality[k] != v}}
+    assert expected == {"biasrecon.num_steps": 8, "biasrecon.num_samples": 1}
+    assert {k: fast[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("order", ["preset first", "preset last"])
+def test_keys_on_the_command_line_override_the_preset(order):
+    items = ["preset=fast", "biasrecon.num_steps=12"]
+    config = load_config(DEFAULT_CONFIG, items if order == "preset first" else items[::-1])
+    assert (config.preset, config.biasrecon.num_steps, config.biasrecon.num_samples) == ("fast", 12, 1)
+
+
+def test_preset_in_a_yaml_file(tmp_path):
+    path = tmp_path / "cpu.yaml"
+    path.write_text("preset: fast\nbiasrecon:\n  lam: 0.03\n")
+    config = load_config(path)
+    assert (config.biasrecon.num_steps, config.biasrecon.num_samples, config.biasrecon.lam) == (8, 1, 0.03)
+    assert load_config(path, ["preset=quality"]).biasrecon.num_steps == BiasReconSettings().num_steps
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: one line, exit code 2, nothing written
 # --------------------------------------------------------------------------------------------
@@ -257,6 +293,7 @@ def _assert_bad_input(capsys, out: Path, argv: list[str], fragment: str) -> None
         (["biasrecon.num_steps=many"], "biasrecon.num_steps"),
         (["site.acquisition.nope=1"], "acquisition.nope"),
         (["mode=sometimes"], "'mode'"),
+        (["preset=turbo"], "key 'preset' is 'turbo', expected one of quality, fast"),
         (["maps=false"], "'maps'"),
         (["methods=[biasrecon,magic]"], "'methods'"),
         (["no_equals_sign"], "key=value"),
