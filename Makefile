@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/adapt.py --site unseen_center preset=fast
+	$(PY) scripts/adapt.py --site unseen_center preset=fast 'methods=[biasrecon,unadapted,l1wavelet]'
 
 test: $(STAMP)
 	$(PY) -m pytest

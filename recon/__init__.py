@@ -8,7 +8,7 @@ Layers, bottom up: maths (``fft``, ``operators``, ``masks``, ``coils``, ``dc``, 
 submission format), algorithms (``adapt`` — calibration, profiles, the k-space split —,
 ``baselines``, ``biasrecon``), the method table (``methods``) and the settings schema (``config``),
 and the app layer the scripts run (``runner`` over ``jobs`` and ``figures``, ``openworld``,
-``bench``). A module imports from its own layer or below, and the import graph has no cycle
+``bench``, ``speed_quality``). A module imports from its own layer or below, and the import graph has no cycle
 (``tests/test_imports.py``).
 """
 

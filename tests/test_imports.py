@@ -26,7 +26,7 @@ RECON_LAYERS: tuple[tuple[str, ...], ...] = (
     ("recon.data",),  # the package, every reader/writer/simulator module under it, and data.transforms
     ("recon.adapt", "recon.baselines", "recon.biasrecon"),
     ("recon.methods", "recon.config"),
-    ("recon.runner", "recon.jobs", "recon.figures", "recon.openworld", "recon.bench"),
+    ("recon.runner", "recon.jobs", "recon.figures", "recon.openworld", "recon.bench", "recon.speed_quality"),
 )
 
 
