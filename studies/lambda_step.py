@@ -3,7 +3,7 @@
     python studies/lambda_step.py                                  # the cells below, 6 slices each
     python studies/lambda_step.py --cells stanford_knee/source_brain/8 --slices 2
 
-For each slice of each cell (``prior/domain/acceleration`` of ``configs/matrix/open_world.yaml``; the
+For each slice of each cell (``prior/domain/acceleration`` of ``configs/matrix/open_world_template.yaml``; the
 matrix's simulated data and coil maps under ``--matrix-out`` are reused) the unadapted prior's x-step chain
 runs once with BiasRecon's λ-step probe (:meth:`recon.biasrecon.BiasRecon.sure_chain`), and the final prox
 is scored against the clean reference for: the chain's fixed λ (the method without SURE), SURE's λ with the
@@ -141,7 +141,7 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/lambda_step"))
     parser.add_argument("--misfit-limit", type=float, default=2.5, help="χ² of the gate's table (default 2.5)")
     args = parser.parse_args(argv)
-    spec = load_matrix(config_path("matrix", "open_world.yaml"))
+    spec = load_matrix(config_path("matrix", "open_world_template.yaml"))
     if args.slices < 1 or args.slices > spec.slices:
         raise InputError(f"command line: key '--slices' is {args.slices}, expected 1 to {spec.slices}.")
     cells = [_parse_cell(text, spec.priors, spec.domains) for text in args.cells]
