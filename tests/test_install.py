@@ -60,7 +60,7 @@ def test_wheel_in_a_fresh_venv_runs_adapt(tmp_path):
     out = tmp_path / "out"
     # the demo site: its anatomy is package data (package:recon.data/...), read from the installed wheel
     done = _run([str(python), str(ROOT / "scripts" / "adapt.py"), "--site", "unseen_center", "--max-slices", "1",
-                 "--out", str(out), *FAST, "site.acquisition.matrix=[96,96]"], tmp_path)
+                 "--out", str(out), *FAST, "site.acquisition.matrix=[128,128]"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics) == ["biasrecon", "unadapted"] and metrics["unadapted"]["psnr"] > 15

@@ -77,6 +77,7 @@ __all__ = [
     "TRAIN_STREAM",
     "available_sites",
     "site_file",
+    "site_prior",
     "load_site",
     "subject_seed",
     "simulate_site",
@@ -195,6 +196,30 @@ def site_file(name_or_path: str) -> Path:
         InputError: an unknown site name or a missing file.
     """
     return _locate(str(name_or_path))
+
+
+def site_prior(name_or_path: str, overrides: list[str] | None = None) -> str | None:
+    """The site's ``prior`` key (after ``prior=...`` in ``overrides``), read without validating the rest of
+    the site (a fastMRI site's ``data.root`` may come later, from ``--data``).
+
+    Raises:
+        InputError: an unknown site, unreadable YAML, or a ``prior`` that is not a string.
+    """
+    path = _locate(str(name_or_path))
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception:  # yaml errors come in many types: load_site names them below
+        loaded = None
+    if not isinstance(loaded, DictConfig):
+        load_site(name_or_path, overrides)  # raises its one-line error for an unreadable or non-mapping file
+    value = loaded.get("prior") if isinstance(loaded, DictConfig) else None
+    for item in overrides or []:
+        key, sep, rest = item.partition("=")
+        if sep and key.strip() == "prior":
+            value = OmegaConf.from_dotlist([item]).get("prior")
+    if value is not None and not (isinstance(value, str) and value.strip()):
+        raise InputError(f"{path}: key 'prior' must be a prior name or null, got {value!r}.")
+    return value
 
 
 def _check(ok: bool, path: Path, key: str, expected: str, value: object) -> None:
