@@ -88,7 +88,7 @@ from functools import partial
 from pathlib import Path
 
 from recon.config import DEFAULT_CONFIG, load_config, split_overrides
-from recon.data.sites import site_file, site_prior
+from recon.data.sites import site_prior
 from recon.jobs import OneLineParser, run_main
 from recon.runner import RunSpec, run
 from scores.checkpoints import CheckpointError
@@ -118,7 +118,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     and the prior (loaded by the runner on its device) with the sampler."""
     adapt_items, site_items = split_overrides(args.overrides)
     config = load_config(args.config, adapt_items)
-    named, file = site_prior(args.site, site_items), site_file(args.site)
+    named, file = site_prior(args.site, site_items)
     prior, why = choose_prior(args.prior, file.stem, named, str(file))  # a bad one fails now
     return RunSpec(site=args.site, config=config, site_items=site_items, out=args.out, data=args.data,
                    max_slices=args.max_slices, profile=args.profile, prior=partial(load_prior, prior),

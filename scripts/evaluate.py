@@ -50,7 +50,7 @@ from recon.methods import reference_stack, run_baseline, slice_scores, tune_lamb
 from recon.data import Sample
 from recon.operators import Sense
 from scores.checkpoints import CheckpointError
-from recon.data.sites import site_file, site_prior
+from recon.data.sites import site_prior
 from scores.priors import PRIOR_HELP, bundled_priors, choose_prior, load_prior
 from scores.samplers import TweedieSampler
 
@@ -218,8 +218,8 @@ def _run(argv: list[str] | None) -> int:
     uses_prior = args.lambda_check or any(METHODS[m].kind == "prior" for m in methods)
     priors = {site: (None, "") for site in sites}
     for site in sites if uses_prior or args.prior is not None else ():  # every prior checked before any work
-        file = site_file(site)
-        priors[site] = choose_prior(args.prior, file.stem, site_prior(site, site_overrides), str(file))
+        named, file = site_prior(site, site_overrides)
+        priors[site] = choose_prior(args.prior, file.stem, named, str(file))
     oracle_grid = tuple(parse_lambdas(args.oracle_grid, "command line: key '--oracle-grid'", positive=True))
     lambda_grid = tuple(parse_lambdas(args.lambda_grid, "command line: key '--lambda-grid'", positive=True))
     rows = []

@@ -72,7 +72,7 @@ from recon.methods import DEFAULT_LAMBDA_GRID, PRIOR_METHODS, TUNABLE_METHODS, c
 from recon.methods import parse_lambdas, parse_methods
 from recon.runner import RunSpec, run
 from scores.checkpoints import CheckpointError
-from recon.data.sites import site_file, site_prior
+from recon.data.sites import site_prior
 from scores.priors import PRIOR_HELP, bundled_priors, choose_prior, load_prior
 from scores.samplers import TweedieSampler
 
@@ -167,7 +167,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     uses_prior = any(m in PRIOR_METHODS for m in methods)
     prior, why = None, ""
     if uses_prior or args.prior is not None:  # a bad --prior or site prior fails now
-        named, file = site_prior(args.site, list(args.overrides)), site_file(args.site)
+        named, file = site_prior(args.site, list(args.overrides))
         prior, why = choose_prior(args.prior, file.stem, named, str(file))
     return RunSpec(site=args.site, config=config, site_items=list(args.overrides), out=args.out,
                    default_out="reconstruct", data=args.data, max_slices=args.max_slices, params=params,

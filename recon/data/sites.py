@@ -76,7 +76,6 @@ __all__ = [
     "EVAL_STREAM",
     "TRAIN_STREAM",
     "available_sites",
-    "site_file",
     "site_prior",
     "load_site",
     "subject_seed",
@@ -189,18 +188,9 @@ def _locate(name_or_path: str) -> Path:
     return path
 
 
-def site_file(name_or_path: str) -> Path:
-    """The YAML file of a site name (``configs/sites/NAME.yaml``) or path.
-
-    Raises:
-        InputError: an unknown site name or a missing file.
-    """
-    return _locate(str(name_or_path))
-
-
-def site_prior(name_or_path: str, overrides: list[str] | None = None) -> str | None:
-    """The site's ``prior`` key (after ``prior=...`` in ``overrides``), read without validating the rest of
-    the site (a fastMRI site's ``data.root`` may come later, from ``--data``).
+def site_prior(name_or_path: str, overrides: list[str] | None = None) -> tuple[str | None, Path]:
+    """The site's ``prior`` key (after ``prior=...`` in ``overrides``) and the site's YAML file, read without
+    validating the rest of the site (a fastMRI site's ``data.root`` may come later, from ``--data``).
 
     Raises:
         InputError: an unknown site, unreadable YAML, or a ``prior`` that is not a string.
@@ -214,12 +204,12 @@ def site_prior(name_or_path: str, overrides: list[str] | None = None) -> str | N
         load_site(name_or_path, overrides)  # raises its one-line error for an unreadable or non-mapping file
     value = loaded.get("prior") if isinstance(loaded, DictConfig) else None
     for item in overrides or []:
-        key, sep, rest = item.partition("=")
+        key, sep, _ = item.partition("=")
         if sep and key.strip() == "prior":
             value = OmegaConf.from_dotlist([item]).get("prior")
     if value is not None and not (isinstance(value, str) and value.strip()):
         raise InputError(f"{path}: key 'prior' must be a prior name or null, got {value!r}.")
-    return value
+    return value, path
 
 
 def _check(ok: bool, path: Path, key: str, expected: str, value: object) -> None:
