@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain bars: tqdm.auto asks notebooks for ipywidgets
 
-from recon.adapt.calibration import FrequencyCalibration
+from recon.adapt.families import FAMILIES, make_calibration
 from recon.adapt.lora import LoRA
 from recon.adapt.selfsup import KSpaceSplit, density_weights, heldout_loss, split_mask, theta_operator
 from recon.coils import detect_acs
@@ -115,6 +115,10 @@ class BiasReconSettings:
             "lam" (one learned data-consistency weight λ = exp(ρ), the prior untouched) or "none" (unadapted prior).
             Every mode fits with the same loss, the same θ-steps along the same sampler, and the same guard.
         lora_rank: rank of the LoRA updates (``adapt="lora"``).
+        calibration_family: what ``adapt="gamma"`` fits (:mod:`recon.adapt.families`): "bands" (radial band gains on
+            the network's block outputs, the first version), "conv_gain", "norm_affine", "freeu", "residual_bands",
+            "sigma_in" or "sigma_residual" — each < 100 variables and exactly the prior at γ = 0. Screened by their
+            oracle bound in ``docs/results/calibration_study.md``.
         calib_loss: what the θ-steps minimise: "heldout" (the self-supervised held-out k-space loss) or
             "reference" (the oracle: the error of ``|x|`` against the clean reference image, which the caller
             passes; an upper bound on what the parameterisation can do, never a reconstruction method).
@@ -173,6 +177,7 @@ class BiasReconSettings:
     eta: float = 1.0
     adapt: AdaptMode = "gamma"
     lora_rank: int = 4
+    calibration_family: str = "bands"
     calib_loss: str = "heldout"
     theta_steps: int = 4
     adapt_fraction: float = 0.7
@@ -211,6 +216,9 @@ class BiasReconSettings:
             )
         if self.adapt not in ADAPT_MODES:
             raise InputError(f"biasrecon.adapt must be one of {', '.join(ADAPT_MODES)}, got {self.adapt!r}")
+        if self.calibration_family not in FAMILIES:
+            raise InputError(f"biasrecon.calibration_family must be one of {', '.join(FAMILIES)}, "
+                             f"got {self.calibration_family!r}")
         if self.calib_loss not in CALIB_LOSSES:
             raise InputError(f"biasrecon.calib_loss must be one of {', '.join(CALIB_LOSSES)}, got {self.calib_loss!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
@@ -441,8 +449,10 @@ class BiasRecon:
         if settings.adapt != "none" and not isinstance(prior, nn.Module):
             raise InputError(f"biasrecon.adapt={settings.adapt!r} needs the prior to be a torch nn.Module")
         if settings.adapt == "gamma":
-            self.calibration = FrequencyCalibration(prior, layers="auto", num_layers=calibration_layers,
-                                                    bands=calibration_bands).attach()
+            self.calibration = make_calibration(settings.calibration_family, prior,
+                                                sigma_range=(settings.sigma_start, settings.sigma_end),
+                                                layers=calibration_layers, bands=calibration_bands).attach()
+            self.prior = self.calibration  # D_γ: the hooks, and the family's own change of the denoiser
             self.params = [self.calibration.gamma]
         elif settings.adapt == "full":
             self.prior = copy.deepcopy(prior)

@@ -324,6 +324,12 @@ def prepare(spec: RunSpec) -> Plan:
             base = method_settings(config, "biasrecon")  # the section as configured
             settings[method] = prior_settings(base, method, spec.params.get(method))
     gamma_methods = [m for m, s in settings.items() if s.adapt == "gamma" and s.calib_loss == "heldout"]
+    other = sorted({settings[m].calibration_family for m in gamma_methods} - {"bands"})
+    if other and (config.mode == "site" or spec.profile is not None):
+        raise InputError(
+            f"adapt config: key 'biasrecon.calibration_family' is {other[0]!r}, but mode site and site profiles "
+            f"(--profile) store band gains only; expected calibration_family=bands, or mode scan without --profile."
+        )
     site = load_site(spec.site, site_overrides(spec.data, spec.site_items))
     out = spec.out if spec.out is not None else Path("out") / spec.default_out / site.name
     if spec.data is not None:

@@ -1,0 +1,212 @@
+"""The calibration screen (issue #24): every calibration family's oracle bound and self-supervised result on val slices.
+
+Each unit is one (cell, family, loss, slice): BiasRecon with ``calibration_family`` = the family and
+``calib_loss`` = ``reference`` (the oracle: γ fitted to the clean reference, the family's bound) or ``heldout``
+(the method), everything else the matrix's settings (20 levels, 1 sample, SURE, the guard); ``unadapted`` is the
+prior as trained with SURE. One JSON record per unit under ``--out``; units already recorded are skipped and two
+processes share the list through claim files, so the study resumes and runs in parallel::
+
+    python studies/calibration_screen.py --prepare                      # simulate the val slices and their maps
+    OMP_NUM_THREADS=1 python studies/calibration_screen.py &            # twice: two processes share the units
+    python studies/calibration_screen.py --report                       # the tables (docs/results/calibration_study.md)
+
+Cells (val splits only; the test slices are scored once, by the matrix): the MNI brain prior (``source_brain``) on
+the real knees at 4x and 8x, and the knee prior on the real T1 brain (``colin27_t1``) at 4x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon.atomic import write_text
+from recon.biasrecon import BiasRecon, BiasReconSettings
+from recon.coils import sensitivity_maps
+from recon.data.sites import load_site, site_dataset
+from recon.methods import FINETUNE_LR, reference_stack, slice_scores
+from recon.openworld import claim, release
+from recon.operators import Sense
+from scores.priors import load_prior, resolve_prior
+from scores.samplers import TweedieSampler
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    prior: str
+    site: str
+    overrides: tuple[str, ...]
+    slices: int
+
+
+CELLS = {
+    "brain_knee_4x": Cell("brain_knee_4x", "source_brain", "stanford_knee", ("data.split=val",), 2),
+    "brain_knee_8x": Cell("brain_knee_8x", "source_brain", "stanford_knee",
+                          ("data.split=val", "acquisition.acceleration=8"), 2),
+    "knee_colin_4x": Cell("knee_colin_4x", "stanford_knee", "colin27_t1", ("data.split=val",), 2),
+}
+SETTINGS = BiasReconSettings(num_steps=20, num_samples=1)  # the matrix's sampler (configs/matrix/open_world.yaml)
+# name -> (family, bands of the bands family); "bands" at 3 bands is the first version of the method; "finetune" fits
+# every weight (adapt full, Adam 1e-5: the matrix's full fine-tuning baseline)
+FAMILY_ROWS = {
+    "bands": ("bands", 3), "bands5": ("bands", 5), "conv_gain": ("conv_gain", 3), "norm_affine": ("norm_affine", 3),
+    "freeu": ("freeu", 3), "residual_bands": ("residual_bands", 3), "sigma_in": ("sigma_in", 3),
+    "sigma_residual": ("sigma_residual", 3), "finetune": ("full", 3),
+}
+ORDER = ["bands", "sigma_in", "residual_bands", "conv_gain", "norm_affine", "freeu", "bands5", "sigma_residual"]
+
+
+def default_units(cells: list[str], rows: list[str], losses: list[str]) -> list[tuple[str, str, str, int]]:
+    """Units in working order: per cell, the unadapted prior, then each row's oracle (and self-supervised) run."""
+    out = []
+    for c in cells:
+        n = CELLS[c].slices
+        out += [(c, "unadapted", "none", s) for s in range(n)]
+        for loss in losses:
+            for row in rows:
+                out += [(c, row, loss, s) for s in range(n)]
+    return out
+
+
+def record_path(out: Path, unit: tuple[str, str, str, int]) -> Path:
+    cell, row, loss, s = unit
+    return out / "records" / cell / f"{row}__{loss}" / f"{s:03d}.json"
+
+
+class Data:
+    def __init__(self, out: Path) -> None:
+        self.out, self.cache, self.priors = out, {}, {}
+
+    def sample(self, cell: Cell, index: int):
+        if cell.name not in self.cache:
+            site = load_site(cell.site, list(cell.overrides))
+            self.cache[cell.name] = site_dataset(site, workdir=self.out / "data" / cell.name, seed=0)
+        return self.cache[cell.name][index]
+
+    def maps(self, cell: Cell, index: int) -> torch.Tensor:
+        path = self.out / "maps" / cell.name / f"{index:03d}.pt"
+        if path.exists():
+            return torch.load(path)
+        maps = sensitivity_maps(self.sample(cell, index))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(maps, tmp)
+        os.replace(tmp, path)
+        return maps
+
+    def prior(self, name: str):
+        if name not in self.priors:
+            self.priors[name] = load_prior(resolve_prior(name)).model
+        return self.priors[name]
+
+
+def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
+    cell_name, row, loss, s = unit
+    cell = CELLS[cell_name]
+    sample, maps = data.sample(cell, s), data.maps(cell, s)
+    op = Sense(maps[None], sample.mask[None, None])
+    if row == "unadapted":
+        settings, bands = BiasReconSettings(**{**SETTINGS.__dict__, "adapt": "none"}), 3
+    else:
+        family, bands = FAMILY_ROWS[row]
+        change = {"adapt": "full", "lr": FINETUNE_LR} if family == "full" else \
+            {"adapt": "gamma", "calibration_family": family}
+        settings = BiasReconSettings(**{**SETTINGS.__dict__, **change,
+                                        "calib_loss": "reference" if loss == "oracle" else "heldout"})
+    reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
+    start = time.perf_counter()
+    result = BiasRecon(data.prior(cell.prior), op, sample.kspace[None], settings, sampler=TweedieSampler(),
+                       calibration_bands=bands, reference=reference).run()
+    scores = slice_scores(sample, result.image[0, 0])
+    return {"cell": cell_name, "row": row, "loss": loss, "slice": s, "fname": sample.fname,
+            "slice_idx": sample.slice_idx, "psnr": scores["reference"][0], "ssim": scores["reference"][1],
+            "seconds": time.perf_counter() - start, "num_adapted": result.num_adapted, "lam": result.lam,
+            "misfit": result.misfit, "skipped": result.calibration_skipped,
+            "val_loss_zero": result.val_loss_zero, "val_loss_best": result.val_loss_best,
+            "gamma": None if result.gamma is None else result.gamma.flatten().tolist(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname()}
+
+
+def report(out: Path, cells: list[str], rows: list[str], losses: list[str]) -> str:
+    def read(cell: str, row: str, loss: str) -> list[dict] | None:
+        recs = [record_path(out, (cell, row, loss, s)) for s in range(CELLS[cell].slices)]
+        return [json.loads(p.read_text()) for p in recs] if all(p.exists() for p in recs) else None
+
+    lines = []
+    for loss in losses:
+        lines += [f"\n### {loss}: gain over the unadapted prior (dB, mean of the val slices; seconds per slice)\n",
+                  "| family | variables | " + " | ".join(cells) + " | mean |", "|---|---:|" + "---:|" * (len(cells) + 1)]
+        for row in rows:
+            cols, gains, nvar = [], [], "—"
+            for c in cells:
+                base, recs = read(c, "unadapted", "none"), read(c, row, loss)
+                if base is None or recs is None:
+                    cols.append("…")
+                    continue
+                g = [r["psnr"] - b["psnr"] for r, b in zip(recs, base)]
+                gains.append(np.mean(g))
+                nvar = str(recs[0]["num_adapted"])
+                kept = sum(r["val_loss_best"] is not None and r["val_loss_zero"] is not None
+                           and r["val_loss_best"] < r["val_loss_zero"] for r in recs)
+                cols.append(f"{np.mean(g):+.2f} ({', '.join(f'{v:+.2f}' for v in g)}; {kept}/{len(g)} kept; "
+                            f"{np.mean([r['seconds'] for r in recs]):.0f} s)")
+            mean = f"{np.mean(gains):+.2f}" if len(gains) == len(cells) else "…"
+            lines.append(f"| {row} | {nvar} | " + " | ".join(cols) + f" | {mean} |")
+    base_line = []
+    for c in cells:
+        base = read(c, "unadapted", "none")
+        if base:
+            base_line.append(f"{c}: unadapted {np.mean([b['psnr'] for b in base]):.2f} dB "
+                             f"({np.mean([b['seconds'] for b in base]):.0f} s/slice)")
+    return "; ".join(base_line) + "\n" + "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out/calibration_screen"))
+    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--rows", default=",".join(ORDER))
+    parser.add_argument("--losses", default="oracle", help="oracle, heldout or both (comma list)")
+    parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
+    parser.add_argument("--report", action="store_true", help="print the tables from the records")
+    args = parser.parse_args()
+    cells, rows, losses = args.cells.split(","), args.rows.split(","), args.losses.split(",")
+    for c in cells:
+        if c not in CELLS:
+            sys.exit(f"--cells: {c!r} is not one of {', '.join(CELLS)}")
+    for r in rows:
+        if r not in FAMILY_ROWS:
+            sys.exit(f"--rows: {r!r} is not one of {', '.join(FAMILY_ROWS)}")
+    if args.report:
+        print(report(args.out, cells, rows, losses))
+        return 0
+    data = Data(args.out)
+    if args.prepare:
+        for c in cells:
+            for s in range(CELLS[c].slices):
+                data.maps(CELLS[c], s)
+        return 0
+    for unit in default_units(cells, rows, losses):
+        path = record_path(args.out, unit)
+        if path.exists() or not claim(path):
+            continue
+        try:
+            record = run(data, unit)
+            write_text(path, json.dumps(record, indent=1))
+            print(f"{unit}: {record['psnr']:.2f} dB, {record['seconds']:.0f} s", flush=True)
+        finally:
+            release(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
