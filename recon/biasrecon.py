@@ -57,7 +57,7 @@ from tqdm import tqdm  # plain bars: tqdm.auto asks notebooks for ipywidgets
 
 from recon.adapt.families import FAMILIES, make_calibration
 from recon.adapt.lora import LoRA
-from recon.adapt.selfsup import KSpaceSplit, density_weights, heldout_loss, split_mask, theta_operator
+from recon.adapt.selfsup import KSpaceSplit, density_weights, heldout_loss, split_folds, split_mask, theta_operator
 from recon.coils import detect_acs
 from recon.data.transforms import center_crop
 from recon.dc import prox
@@ -152,6 +152,11 @@ class BiasReconSettings:
             candidate. ``(1.0,)``: keep the calibrated parameters or nothing (the former guard). Measured on brain
             prior → knees (``docs/results/open_world.md``): where the whole γ failed the guard, a quarter of it
             passed and gained +0.30 dB (oracle bound +0.88); on the 9 other slices tried the result was unchanged.
+        guard_splits: the final guard's validation folds ``K``: the held-out pool ``Λ_v`` is dealt into ``K`` disjoint
+            folds (:func:`recon.adapt.selfsup.split_folds`); each candidate's chain runs ``K`` times, on the data
+            less one fold, and is scored on that fold (K-fold cross-validation: the decision rests on all of ``Λ_v``
+            and each chain sees more of the data); 1: one chain on ``y_Θv``, scored on ``Λ_v``. The calibration's own
+            splits lie inside ``Θ_v``, disjoint from every fold. Costs ``K`` chains per candidate.
         cg_iters: CG iterations of the prox; seed: seeds every random draw.
         calib_iterate: data consistency of the calibration's own iterate (the one the θ-steps denoise).
             "full" (the first version): made consistent with all of ``y``, and every Adam step draws
@@ -195,6 +200,7 @@ class BiasReconSettings:
     sure_sigma: str = "residual"
     misfit_limit: float | None = 2.5
     guard_scales: tuple[float, ...] = (0.25, 0.5, 1.0)
+    guard_splits: int = 1
     cg_iters: int = 10
     seed: int = 0
     calib_iterate: str = "theta"
@@ -227,6 +233,8 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
         if self.misfit_limit is not None and not (self.misfit_limit > 0 and math.isfinite(self.misfit_limit)):
             raise InputError(f"biasrecon.misfit_limit must be null or a positive number, got {self.misfit_limit}")
+        if isinstance(self.guard_splits, bool) or not isinstance(self.guard_splits, int) or self.guard_splits < 1:
+            raise InputError(f"biasrecon.guard_splits must be an integer >= 1, got {self.guard_splits!r}")
         if not self.guard_scales or not all(t > 0 and math.isfinite(t) for t in self.guard_scales):
             raise InputError(f"biasrecon.guard_scales must be a non-empty list of positive numbers, got {list(self.guard_scales)}")
         if self.sure_sigma not in ("residual", "noise"):
@@ -590,6 +598,15 @@ class BiasRecon:
         self.val_theta, self.val_lambda = self._split(vgen)
         self.val_op = theta_operator(self.op, self.val_theta)
         self.val_y = self.y * self.val_theta
+        self._sampled = (self.val_theta + self.val_lambda).to(self.val_theta.dtype)  # Ω as the splits see it
+        if self.s.guard_splits > 1:  # K disjoint folds of Λ_v, each scan's own
+            fgen = torch.Generator().manual_seed(self.s.seed + 6151)
+            per_scan = [split_folds(m, self.s.guard_splits, generator=fgen) for m in self._scan_masks(self.val_lambda)]
+            if len(per_scan) == 1:
+                self.val_folds = per_scan[0]
+            else:  # fold k of every scan, (B, 1, H, W)
+                self.val_folds = [torch.stack([folds[k] for folds in per_scan])[:, None]
+                                  for k in range(self.s.guard_splits)]
         if self.reference is not None:  # the oracle scores against the reference: all of y, nothing held out
             self.val_op, self.val_y, self.val_lambda = self.op, self.y, None
         with torch.no_grad():  # a denoiser input from Θ_v alone, mid-schedule noise, fixed noise draw
@@ -669,9 +686,18 @@ class BiasRecon:
         return record
 
     def chain_heldout_loss(self) -> float:
-        """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters)."""
-        x0, _ = self.x_step_chain(self.val_op, self.val_y, self.lam, phase="guard")
-        return float(self._loss(x0, self.val_lambda))
+        """Held-out loss on Λ_v of the whole x-step chain run on ``y_Θv`` alone (current parameters); with
+        ``guard_splits`` K > 1 the mean over the K folds of Λ_v, each chain run on the data less its fold."""
+        if self.val_lambda is None or self.s.guard_splits == 1:
+            x0, _ = self.x_step_chain(self.val_op, self.val_y, self.lam, phase="guard")
+            return float(self._loss(x0, self.val_lambda))
+        losses = []
+        for k, fold in enumerate(self.val_folds):
+            keep = self._sampled - fold
+            x0, _ = self.x_step_chain(theta_operator(self.op, keep), self.y * keep, self.lam,
+                                      phase=f"guard fold {k + 1}/{len(self.val_folds)}")
+            losses.append(float(self._loss(x0, fold)))
+        return sum(losses) / len(losses)
 
     def final_guard(self) -> None:
         """Keep the candidate ``p₀ + t (p_best − p₀)``, ``t`` in ``guard_scales``, whose chain predicts ``y_Λv``
@@ -792,7 +818,7 @@ class BiasRecon:
         """The calibration's network evaluations (the bar's units): its levels and the guard's chains."""
         if not self.params or self.calibrated or self.calibration_skipped is not None:
             return 0
-        chain = self.s.num_samples * len(self.sigmas)
+        chain = self.s.num_samples * len(self.sigmas) * self.s.guard_splits
         return self.adapt_steps * (2 + 3 * self.s.theta_steps) + (len(self.s.guard_scales) + 1) * chain
 
     def run(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> BiasReconResult:

@@ -117,9 +117,12 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
     if row == "unadapted":
         settings, bands = BiasReconSettings(**{**SETTINGS.__dict__, "adapt": "none"}), 3
     else:
-        family, bands = FAMILY_ROWS[row]
+        name, _, lr = row.partition("@")  # "family@lr": the family with another Adam step
+        family, bands = FAMILY_ROWS[name]
         change = {"adapt": "full", "lr": FINETUNE_LR} if family == "full" else \
             {"adapt": "gamma", "calibration_family": family}
+        if lr:
+            change["lr"] = float(lr)
         settings = BiasReconSettings(**{**SETTINGS.__dict__, **change,
                                         "calib_loss": "reference" if loss == "oracle" else "heldout"})
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
@@ -174,7 +177,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/calibration_screen"))
     parser.add_argument("--cells", default=",".join(CELLS))
-    parser.add_argument("--rows", default=",".join(ORDER))
+    parser.add_argument("--rows", default=",".join(ORDER),
+                        help="families (FAMILY_ROWS), each optionally with its own Adam step: sigma_in@0.3")
     parser.add_argument("--losses", default="oracle", help="oracle, heldout or both (comma list)")
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
@@ -184,7 +188,7 @@ def main() -> int:
         if c not in CELLS:
             sys.exit(f"--cells: {c!r} is not one of {', '.join(CELLS)}")
     for r in rows:
-        if r not in FAMILY_ROWS:
+        if r.partition("@")[0] not in FAMILY_ROWS:
             sys.exit(f"--rows: {r!r} is not one of {', '.join(FAMILY_ROWS)}")
     if args.report:
         print(report(args.out, cells, rows, losses))

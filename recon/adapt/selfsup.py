@@ -20,7 +20,7 @@ from recon.errors import InputError
 from recon.masks import center_box
 from recon.operators import Sense, SingleCoil
 
-__all__ = ["KSpaceSplit", "split_mask", "acs_mask", "theta_operator", "heldout_loss", "density_weights"]
+__all__ = ["KSpaceSplit", "split_mask", "split_folds", "acs_mask", "theta_operator", "heldout_loss", "density_weights"]
 
 
 class KSpaceSplit(NamedTuple):
@@ -136,6 +136,36 @@ def split_mask(
     lam_f = lam.to(dtype).contiguous()
     theta_f = (sampled & ~lam).to(dtype)
     return KSpaceSplit(theta=theta_f, lam=lam_f)
+
+
+def split_folds(lam: torch.Tensor, folds: int, *, generator: torch.Generator) -> list[torch.Tensor]:
+    """Partition a held-out set ``Λ`` into ``K`` disjoint folds of (almost) equal size, at random.
+
+    Maths: the units of ``Λ`` (its columns when ``Λ`` is constant along ``H``, else its entries) in a random
+    order (``torch.randperm`` with ``generator``), dealt into ``K`` folds round-robin: ``Σ_k Λ_k = Λ``,
+    ``Λ_j Λ_k = 0`` for ``j ≠ k``.
+    Shape: ``lam`` ``(H, W)`` 0/1; returns ``K`` masks ``(H, W)`` of ``lam``'s dtype.
+
+    Raises:
+        InputError: ``K < 1`` or fewer units than folds.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise InputError(f"split_folds: folds must be a positive integer, got {folds!r}.")
+    held = lam != 0
+    columns = bool(torch.equal(held, held[:1].expand_as(held)))
+    units = held[0] if columns else held.flatten()
+    index = torch.nonzero(units).flatten()
+    if index.numel() < folds:
+        raise InputError(f"split_folds: the held-out set has {index.numel()} {'columns' if columns else 'entries'}, "
+                         f"expected at least {folds} (one per fold).")
+    order = index[torch.randperm(index.numel(), generator=generator, device=generator.device).to(index.device)]
+    out = []
+    for k in range(folds):
+        unit = torch.zeros_like(units)
+        unit[order[k::folds]] = True
+        mask = unit.expand(held.shape) if columns else unit.view(held.shape)
+        out.append(mask.to(lam.dtype).contiguous())
+    return out
 
 
 def density_weights(mask: torch.Tensor, acs: float | torch.Tensor, min_count: int = 64,

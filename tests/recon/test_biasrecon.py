@@ -509,3 +509,36 @@ def test_samples_are_the_mean_of_single_chains_with_consecutive_seeds():
               for k in range(4)]
     torch.testing.assert_close(mean_of_chains(chains, 4), four, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(mean_of_chains(chains, 2), four)
+
+
+def test_guard_folds_partition_the_validation_pool_and_never_meet_a_calibration_split():
+    """guard_splits K = 3: the folds are disjoint, their union is Λ_v, none touches the calibration's split (its Θc
+    and Λc) or the data of the calibration's iterate; the guard's score is the mean of the K fold scores, each fold
+    scored on a chain run on the data less that fold, and K = 1 is the former single split."""
+    op, y, _, _ = _problem()
+    st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta"}, adapt="gamma", guard_splits=3)
+    br = _optimizer(BlurDenoiser(width=0.5), op, y, st)
+    folds = br.val_folds
+    assert len(folds) == 3 and all(float(f.sum()) > 0 for f in folds)
+    torch.testing.assert_close(sum(folds), br.val_lambda, rtol=0, atol=0)
+    for i, f in enumerate(folds):
+        for g in folds[i + 1:]:
+            assert not bool((f * g).any())
+        for calib in (br.calib_op.mask, br.calib_lambda):
+            assert not bool((f * calib).any())
+        assert not bool((br.calib_y * f).any())
+    expected = []
+    for f in folds:
+        keep = op.mask - f
+        x0, _ = br.x_step_chain(Sense(op.sens_maps, keep), y * keep, br.lam)
+        expected.append(float(heldout_loss(op, y, x0, f, br.heldout_weight)))
+    assert br.chain_heldout_loss() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    br.calibration.detach()
+    one = _optimizer(BlurDenoiser(width=0.5), op, y, BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta"},
+                                                                            adapt="gamma"))
+    x0, _ = one.x_step_chain(one.val_op, one.val_y, one.lam)
+    assert one.chain_heldout_loss() == float(heldout_loss(op, y, x0, one.val_lambda, one.heldout_weight))
+    one.calibration.detach()
+    for bad in (0, 1.5, True):
+        with pytest.raises(InputError, match="guard_splits"):
+            BiasReconSettings(guard_splits=bad)

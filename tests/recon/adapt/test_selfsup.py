@@ -291,3 +291,30 @@ def test_fitting_gamma_on_the_heldout_loss_lowers_heldout_and_true_error():
     assert all(p.grad is None for p in net.parameters())
     calib.detach()
     assert np.isclose(scores()[0], loss0)
+
+
+def test_split_folds_deal_the_heldout_set_into_disjoint_folds():
+    """Columns stay whole for a row-constant Λ, entries otherwise; the folds sum to Λ, are disjoint, differ in size by
+    at most one unit, and the same generator state gives the same folds."""
+    from recon.adapt.selfsup import split_folds
+
+    cols = torch.zeros(10, 16)
+    cols[:, [1, 3, 4, 8, 11, 12, 14]] = 1
+    entries = (torch.rand(10, 16, generator=_gen(1)) < 0.3).float()
+    for lam, columns in ((cols, True), (entries, False)):
+        folds = split_folds(lam, 3, generator=_gen(5))
+        torch.testing.assert_close(sum(folds), lam, rtol=0, atol=0)
+        sizes = []
+        for i, f in enumerate(folds):
+            for g in folds[i + 1:]:
+                assert not bool((f * g).any())
+            if columns:
+                assert torch.equal(f, f[:1].expand_as(f))
+            sizes.append(int(f[0].sum()) if columns else int(f.sum()))
+        assert max(sizes) - min(sizes) <= 1
+        again = split_folds(lam, 3, generator=_gen(5))
+        assert all(torch.equal(a, b) for a, b in zip(folds, again))
+    with pytest.raises(InputError, match="folds"):
+        split_folds(cols, 8, generator=_gen(0))
+    with pytest.raises(InputError, match="folds"):
+        split_folds(cols, 0, generator=_gen(0))
