@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from recon.adapt.calibration import FrequencyCalibration
+from torch import nn
 from recon.data.sample import Sample
 from recon.metrics import psnr
 
@@ -93,19 +93,32 @@ def trajectories_figure(history: list[dict], history_label: str, sure_curves: di
     return _png(fig)
 
 
-def gamma_figure(calibration: FrequencyCalibration, label: str) -> bytes:
-    """Heatmap of γ, layers × bands, with the layer names."""
+_GAMMA_COLUMNS = {"norm_affine": ["scale a", "shift b"], "freeu": ["backbone b", "skip low c"],
+                  "conv_gain": ["gain"], "sigma_in": ["log σ factor"], "sigma_residual": ["γ"]}
+
+
+def gamma_figure(calibration: nn.Module, label: str) -> bytes:
+    """Heatmap of γ with its rows named: layers × bands for the ``bands`` family, the hooked layers (or the
+    noise-level blocks) × the family's variables for the others (:mod:`recon.adapt.families`)."""
     plt = _pyplot()
     gamma = calibration.gamma.detach().cpu().numpy()
-    layers, bands = gamma.shape
+    gamma = gamma[:, None] if gamma.ndim == 1 else gamma
+    rows, columns = gamma.shape
+    family = getattr(calibration, "family", "bands")
+    if family == "bands":
+        edges = (0.0, *calibration.band_edges, 2**0.5)
+        xlabels = [f"band {b}\n{edges[b]:.2f}-{edges[b + 1]:.2f}" for b in range(columns)]
+    else:
+        xlabels = _GAMMA_COLUMNS.get(family, [f"band {b}" for b in range(columns)])
+    names = list(calibration.layer_names) if len(calibration.layer_names) == rows else \
+        [f"σ block {k}" if family != "sigma_residual" else f"γ {k}" for k in range(rows)]
     bound = max(float(np.abs(gamma).max()), 1e-6)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * bands, 1.0 + 0.24 * layers))
+    fig, ax = plt.subplots(figsize=(2.6 + 1.1 * columns, 1.0 + 0.2 * rows))
     shown = ax.imshow(gamma, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
-    edges = (0.0, *calibration.band_edges, 2**0.5)
-    ax.set_xticks(range(bands), [f"band {b}\n{edges[b]:.2f}-{edges[b + 1]:.2f}" for b in range(bands)], fontsize=8)
-    ax.set_yticks(range(layers), calibration.layer_names, fontsize=7)
+    ax.set_xticks(range(columns), xlabels, fontsize=8)
+    ax.set_yticks(range(rows), names, fontsize=6 if rows > 30 else 7)
     fig.colorbar(shown, ax=ax, label="γ")
-    ax.set_title(f"γ ({label})", fontsize=10)
+    ax.set_title(f"γ, {family} ({label})", fontsize=10)
     fig.tight_layout()
     return _png(fig)
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from recon.adapt import CalibratedPrior, FrequencyCalibration, calibrated_prior, save_profile
+from recon.adapt import CalibratedPrior, CalibrationShape, calibrated_prior, save_profile
 from recon.atomic import write_bytes, write_text
 from recon.biasrecon import BiasRecon, BiasReconResult, BiasReconSettings, Sampler
 from recon.coils import sensitivity_maps
@@ -286,8 +286,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _calibration_shape(spec: RunSpec) -> tuple[int, int]:
-    return spec.config.calibration.layers, spec.config.calibration.bands
+def _calibration_shape(spec: RunSpec, settings: BiasReconSettings | None = None) -> CalibrationShape:
+    """The calibration a method's ``settings`` fit (default: the config's ``biasrecon`` section): its family
+    (``calibration_family``), the ``bands`` family's layers and bands, and the schedule's σ range (the per-level
+    families' blocks)."""
+    settings = method_settings(spec.config, "biasrecon") if settings is None else settings
+    return CalibrationShape(settings.calibration_family, spec.config.calibration.layers, spec.config.calibration.bands,
+                            sigma_range=(settings.sigma_start, settings.sigma_end))
 
 
 def _check_profile_path(spec: RunSpec, gamma_methods: list[str], inputs: list[Path]) -> bool:
@@ -324,12 +329,6 @@ def prepare(spec: RunSpec) -> Plan:
             base = method_settings(config, "biasrecon")  # the section as configured
             settings[method] = prior_settings(base, method, spec.params.get(method))
     gamma_methods = [m for m, s in settings.items() if s.adapt == "gamma" and s.calib_loss == "heldout"]
-    other = sorted({settings[m].calibration_family for m in gamma_methods} - {"bands"})
-    if other and (config.mode == "site" or spec.profile is not None):
-        raise InputError(
-            f"adapt config: key 'biasrecon.calibration_family' is {other[0]!r}, but mode site and site profiles "
-            f"(--profile) store band gains only; expected calibration_family=bands, or mode scan without --profile."
-        )
     site = load_site(spec.site, site_overrides(spec.data, spec.site_items))
     out = spec.out if spec.out is not None else Path("out") / spec.default_out / site.name
     if spec.data is not None:
@@ -352,15 +351,15 @@ def prepare(spec: RunSpec) -> Plan:
         if spec.prior is None or spec.sampler is None:
             raise InputError(f"command line: methods {', '.join(settings)} need a prior, expected --prior.")
         prior = spec.prior(device, config.gradient_checkpointing)
-        layers, bands = _calibration_shape(spec)
+        shape = _calibration_shape(spec)
         if reuse:
-            value, profile = calibrated_prior(spec.profile, prior.model, prior.sha256, layers, bands)
+            value, profile = calibrated_prior(spec.profile, prior.model, prior.sha256, shape)
             shared = SharedGamma(value, "profile", profile.site, extra={**profile.extra, "reused_from": str(spec.profile)})
             if profile.site != site.name and ranks.is_main:
                 print(f"note: profile {spec.profile} was calibrated on site {profile.site!r}, used for {site.name!r}",
                       file=sys.stderr)
         elif gamma_methods:
-            FrequencyCalibration(prior.model, layers="auto", num_layers=layers, bands=bands)  # a bad shape fails now
+            shape.build(prior.model)  # a bad shape fails now
     return Plan(spec, site, out, inputs, ranks, device, settings, gamma_methods, prior, shared, reuse)
 
 
@@ -378,16 +377,16 @@ def calibrate_site(plan: Plan, source: SliceSource, count: int) -> SharedGamma:
     items = items[: spec.config.calib_slices]
     source.keep.update(items)  # their maps are reused by the reconstruction
     batch = source.batch(items)
-    layers, bands = _calibration_shape(spec)
     settings = replace(plan.settings[plan.gamma_methods[0]], adapt="gamma")
+    shape = _calibration_shape(spec, settings)
     start = time.perf_counter()
     optimizer = BiasRecon(plan.prior.model, batch.op, batch.kspace, settings, sampler=spec.sampler,
-                          calibration_layers=layers, calibration_bands=bands)
+                          calibration_layers=shape.layers, calibration_bands=shape.bands)
     try:
         optimizer.calibrate(progress=True)  # every calibration step, then the chain-level guard
     finally:
         optimizer.calibration.detach()
-    value = CalibratedPrior(plan.prior.model, optimizer.calibration.gamma, layers, bands)
+    value = CalibratedPrior(plan.prior.model, optimizer.calibration.gamma, shape)
     return SharedGamma(value, "site", plan.site.name, time.perf_counter() - start, optimizer.val_loss_zero,
                        optimizer.val_loss_best, optimizer.history, [f"{s.fname}:{s.slice_idx}" for s in batch.samples])
 
@@ -401,10 +400,10 @@ def _share_site_calibration(plan: Plan, source: SliceSource, count: int) -> Shar
             return fitted
         facts = {**dataclasses.asdict(replace(fitted, prior=None)), "gamma": fitted.prior.gamma}
     facts = plan.ranks.broadcast(facts)
-    layers, bands = _calibration_shape(plan.spec)
+    shape = _calibration_shape(plan.spec, plan.settings[plan.gamma_methods[0]])
     gamma = facts.pop("gamma")
     facts.pop("prior")
-    return SharedGamma(prior=CalibratedPrior(plan.prior.model, gamma, layers, bands), **facts)
+    return SharedGamma(prior=CalibratedPrior(plan.prior.model, gamma, shape), **facts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,10 +445,10 @@ def _prior_method(plan: Plan, method: str, batch: Batch, sigma: list[float]) -> 
         settings = replace(settings, noise_sigma=sigma[0])
     if settings.adapt == "gamma" and settings.calib_loss == "heldout" and plan.shared is not None:
         settings, prior = replace(settings, adapt="none"), plan.shared.prior
-    layers, bands = _calibration_shape(plan.spec)
+    shape = _calibration_shape(plan.spec, settings)
     reference = reference_stack(batch.samples) if settings.calib_loss == "reference" else None
     return BiasRecon(prior, batch.op, batch.kspace, settings, sampler=plan.spec.sampler,
-                     calibration_layers=layers, calibration_bands=bands, reference=reference).run(
+                     calibration_layers=shape.layers, calibration_bands=shape.bands, reference=reference).run(
         progress=plan.ranks.is_main and sys.stderr.isatty())  # "sample j/K, level k/N" and the time left
 
 
@@ -622,8 +621,7 @@ def _save_first_gamma(plan: Plan, records: dict[str, MethodRecord], samples: dic
     """Mode scan: the volume's first batch's γ of the first calibrating method, as a site profile."""
     method = plan.gamma_methods[0]
     first = records[method].first
-    layers, bands = _calibration_shape(plan.spec)
-    value = CalibratedPrior(plan.prior.model, first.gamma, layers, bands)
+    value = CalibratedPrior(plan.prior.model, first.gamma, _calibration_shape(plan.spec, plan.settings[method]))
     extra = {"prior_file": plan.prior.path.name, "mode": "scan", "method": method,
              "calibrated_on": [f"{samples[i].fname}:{samples[i].slice_idx}" for i in first_batch],
              "val_loss_zero": _finite(first.val_loss_zero), "val_loss_best": _finite(first.val_loss_best)}
@@ -646,9 +644,9 @@ def _kept_gamma(plan: Plan, first_record: dict, first_path: Path) -> KeptGamma |
                      val_loss_best=_finite(shared.val_loss_best))
         return KeptGamma(shared.prior, shared.site, f"site calibration on {len(shared.slices)} slices",
                          extra, shared.history)
-    layers, bands = _calibration_shape(plan.spec)
     path = _volume_profile(plan.out, first_path)
-    value, profile = calibrated_prior(path, plan.prior.model, plan.prior.sha256, layers, bands)
+    shape = _calibration_shape(plan.spec, plan.settings[plan.gamma_methods[0]])
+    value, profile = calibrated_prior(path, plan.prior.model, plan.prior.sha256, shape)
     method = profile.extra.get("method", plan.gamma_methods[0])
     return KeptGamma(value, profile.site, f"{method}, first batch", {**extra, **profile.extra},
                      first_record["methods"][method]["first"]["history"])

@@ -53,6 +53,10 @@ CELLS = {
     "brain_knee_8x": Cell("brain_knee_8x", "source_brain", "stanford_knee",
                           ("data.split=val", "acquisition.acceleration=8"), 2),
     "knee_colin_4x": Cell("knee_colin_4x", "stanford_knee", "colin27_t1", ("data.split=val",), 2),
+    # the final table: the matrix's test slices (the first 6 of the test split), scored once
+    "test_brain_knee_4x": Cell("test_brain_knee_4x", "source_brain", "stanford_knee", (), 6),
+    "test_brain_knee_8x": Cell("test_brain_knee_8x", "source_brain", "stanford_knee",
+                               ("acquisition.acceleration=8",), 6),
 }
 SETTINGS = BiasReconSettings(num_steps=20, num_samples=1)  # the matrix's sampler (configs/matrix/open_world.yaml)
 # name -> (family, bands of the bands family); "bands" at 3 bands is the first version of the method; "finetune" fits
@@ -117,12 +121,15 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
     if row == "unadapted":
         settings, bands = BiasReconSettings(**{**SETTINGS.__dict__, "adapt": "none"}), 3
     else:
-        name, _, lr = row.partition("@")  # "family@lr": the family with another Adam step
+        head, _, folds = row.partition("+k")  # "family@lr+kK": another Adam step, K guard folds
+        name, _, lr = head.partition("@")
         family, bands = FAMILY_ROWS[name]
         change = {"adapt": "full", "lr": FINETUNE_LR} if family == "full" else \
             {"adapt": "gamma", "calibration_family": family}
         if lr:
             change["lr"] = float(lr)
+        if folds:
+            change["guard_splits"] = int(folds)
         settings = BiasReconSettings(**{**SETTINGS.__dict__, **change,
                                         "calib_loss": "reference" if loss == "oracle" else "heldout"})
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
@@ -176,9 +183,11 @@ def report(out: Path, cells: list[str], rows: list[str], losses: list[str]) -> s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/calibration_screen"))
-    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--cells", default="brain_knee_4x,brain_knee_8x,knee_colin_4x",
+                        help=f"comma list of {', '.join(CELLS)}")
     parser.add_argument("--rows", default=",".join(ORDER),
-                        help="families (FAMILY_ROWS), each optionally with its own Adam step: sigma_in@0.3")
+                        help="families (FAMILY_ROWS), each optionally with its own Adam step and guard folds: "
+                             "sigma_in@0.3, norm_affine+k3, norm_affine@0.02+k3")
     parser.add_argument("--losses", default="oracle", help="oracle, heldout or both (comma list)")
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
@@ -188,7 +197,7 @@ def main() -> int:
         if c not in CELLS:
             sys.exit(f"--cells: {c!r} is not one of {', '.join(CELLS)}")
     for r in rows:
-        if r.partition("@")[0] not in FAMILY_ROWS:
+        if r.partition("+k")[0].partition("@")[0] not in FAMILY_ROWS:
             sys.exit(f"--rows: {r!r} is not one of {', '.join(FAMILY_ROWS)}")
     if args.report:
         print(report(args.out, cells, rows, losses))

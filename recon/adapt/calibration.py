@@ -12,8 +12,9 @@ while autograd still reaches ``γ``. The hooks work on any ``nn.Module`` (our ``
 ``fastmri.models.Unet`` / ``VarNet``, …) and are removed by :meth:`FrequencyCalibration.detach`,
 which leaves the module exactly as it was (its weights are never touched).
 
-A fitted ``γ`` is passed on as a :class:`CalibratedPrior` (a value: the prior with that γ fixed) and
-saved as a *site profile* (:mod:`recon.adapt.profiles`).
+A fitted ``γ`` is passed on as a :class:`recon.adapt.families.CalibratedPrior` (a value: the prior with that γ
+fixed) and saved as a *site profile* (:mod:`recon.adapt.profiles`). The other calibration families are in
+:mod:`recon.adapt.families`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ __all__ = [
     "MAX_VARIABLES",
     "R_MAX",
     "FrequencyCalibration",
-    "CalibratedPrior",
     "radial_bands",
     "default_band_edges",
     "candidate_layers",
@@ -228,6 +228,8 @@ class FrequencyCalibration(nn.Module):
         calib.detach()
     """
 
+    family = "bands"
+
     def __init__(
         self,
         module: nn.Module,
@@ -322,6 +324,10 @@ class FrequencyCalibration(nn.Module):
                 handles.append(layer.register_forward_hook(functools.partial(self._hook, index)))
         return self
 
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """``D_γ(x, s)``: the module's own ``denoise`` with the hooks (attach first)."""
+        return self.module.denoise(x, sigma)
+
     def detach(self) -> "FrequencyCalibration":
         """Remove the hooks (no-op if detached); the module is then exactly as before. Returns ``self``."""
         handles: list[RemovableHandle] = self.__dict__["_handles"]
@@ -374,52 +380,19 @@ class FrequencyCalibration(nn.Module):
         self._load_gamma(torch.as_tensor(state["gamma"]), source)
 
     def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
-        if tuple(gamma.shape) != tuple(self.gamma.shape) or not bool(torch.isfinite(gamma).all()):
-            raise InputError(
-                f"{source}: key 'gamma' has shape {tuple(gamma.shape)}, expected finite values of shape "
-                f"{tuple(self.gamma.shape)}."
-            )
-        with torch.no_grad():
-            self.gamma.copy_(gamma.to(self.gamma.dtype))
+        load_gamma(self.gamma, gamma, source)
 
 
-class CalibratedPrior:
-    """A prior with a fixed calibration γ, as a value: ``denoise`` is the calibrated network's.
-
-    Mode site and reused site profiles pass this on wherever a prior goes (the optimizer, a
-    method): nothing is attached to the wrapped module outside a :meth:`denoise` call, so the same
-    module serves other methods uncalibrated in between.
-    Maths: ``D_γ(x, s)``, the prior's denoiser with the band gains of :class:`FrequencyCalibration`.
-    Shape: as the prior's ``denoise``; ``gamma`` ``(L, B)``.
-
-    Args:
-        module: the prior (an ``nn.Module`` with ``denoise(x, sigma)``).
-        gamma: the fixed γ ``(L, B)`` (copied).
-        num_layers / bands / band_edges: the calibration's shape (``layers="auto"``).
+def load_gamma(target: nn.Parameter, gamma: torch.Tensor, source: str) -> None:
+    """Copy a saved ``γ`` into a calibration's ``target`` after checking its shape and values.
 
     Raises:
-        InputError: a γ that does not fit the calibration's shape, or non-finite values.
+        InputError: naming ``source`` and the key ``gamma``: another shape or non-finite values.
     """
-
-    def __init__(self, module: nn.Module, gamma: torch.Tensor, num_layers: int = 24, bands: int = 3,
-                 band_edges: Sequence[float] | None = None, source: str = "calibrated prior") -> None:
-        self.calibration = FrequencyCalibration(module, layers="auto", num_layers=num_layers, bands=bands,
-                                                band_edges=band_edges)
-        self.calibration._load_gamma(torch.as_tensor(gamma).detach().cpu(), source)
-        self.calibration.requires_grad_(False)
-
-    @property
-    def module(self) -> nn.Module:
-        """The wrapped prior."""
-        return self.calibration.module
-
-    @property
-    def gamma(self) -> torch.Tensor:
-        """A copy of the fixed γ ``(L, B)``."""
-        return self.calibration.gamma.detach().clone()
-
-    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """The calibrated denoiser: the hooks are attached for this call only."""
-        with self.calibration:
-            return self.module.denoise(x, sigma)
-
+    if tuple(gamma.shape) != tuple(target.shape) or not bool(torch.isfinite(gamma).all()):
+        raise InputError(
+            f"{source}: key 'gamma' has shape {tuple(gamma.shape)}, expected finite values of shape "
+            f"{tuple(target.shape)}."
+        )
+    with torch.no_grad():
+        target.copy_(gamma.to(target.dtype))

@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from recon.adapt.calibration import MAX_VARIABLES, FrequencyCalibration, _radial_bands_cached, default_band_edges
+from recon.adapt.calibration import (MAX_VARIABLES, FrequencyCalibration, _radial_bands_cached,
+                                     default_band_edges, load_gamma)
 from recon.errors import InputError
 
-__all__ = ["FAMILIES", "Calibration", "ConvGain", "NormAffine", "FreeU", "ResidualBands", "SigmaIn",
+__all__ = ["FAMILIES", "Calibration", "CalibratedPrior", "CalibrationShape", "ConvGain", "NormAffine", "FreeU", "ResidualBands", "SigmaIn",
            "SigmaResidual", "level_block", "make_calibration"]
 
 NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)
@@ -72,6 +74,8 @@ class Calibration(nn.Module):
     """
 
     family = "base"
+    layer_names: tuple[str, ...] = ()  # the hooked layers (none for the denoiser-level families)
+    band_edges: tuple[float, ...] = ()  # the bands family's only
 
     def __init__(self, module: nn.Module, shape: Sequence[int]) -> None:
         super().__init__()
@@ -80,6 +84,7 @@ class Calibration(nn.Module):
         self.__dict__["_module"] = module
         self.__dict__["_handles"] = []
         self.gamma = nn.Parameter(torch.zeros(*shape))
+        self._outer_attached = False
         _check_count(self.family, self.gamma.numel())
 
     @property
@@ -116,9 +121,20 @@ class Calibration(nn.Module):
                 handle.remove()
         return self
 
+    def __enter__(self) -> "Calibration":
+        self._outer_attached = self.attached
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._outer_attached:
+            self.detach()
+
     @torch.no_grad()
     def reset(self) -> None:
         self.gamma.zero_()
+
+    def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
+        load_gamma(self.gamma, gamma, source)
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """``D_γ(x, s)``: the module's denoiser with the hooks (attach first) and the family's own changes."""
@@ -335,26 +351,38 @@ class SigmaResidual(_PerLevel):
         return _residual_correction(x.to(d.dtype), d, residual[self._block(sigma, self.blocks)])
 
 
-class _Bands(FrequencyCalibration):
-    """:class:`FrequencyCalibration` with the family contract's ``denoise``."""
-
-    family = "bands"
-
-    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        return self.module.denoise(x, sigma)
-
-
 FAMILIES: tuple[str, ...] = ("bands", "conv_gain", "norm_affine", "freeu", "residual_bands", "sigma_in",
                              "sigma_residual")
 """The calibration families :func:`make_calibration` builds."""
 
 
+@dataclass(frozen=True)
+class CalibrationShape:
+    """What a calibration is, apart from its values: the family and its sizes (a saved γ fits only the same shape).
+
+    Attributes:
+        family: one of :data:`FAMILIES`; layers / bands / band_edges: the ``bands`` family's shape;
+        sigma_range: the schedule's ``(σ_start, σ_end)`` that the per-level families split into blocks.
+    """
+
+    family: str = "bands"
+    layers: int = 24
+    bands: int = 3
+    band_edges: tuple[float, ...] | None = None
+    sigma_range: tuple[float, float] = (0.5, 0.01)
+
+    def build(self, module: nn.Module) -> nn.Module:
+        """The calibration of ``module`` with this shape (γ = 0, not attached)."""
+        return make_calibration(self.family, module, sigma_range=self.sigma_range, layers=self.layers,
+                                bands=self.bands, band_edges=self.band_edges)
+
+
 def make_calibration(family: str, module: nn.Module, *, sigma_range: tuple[float, float] = (0.5, 0.01),
-                     layers: int = 24, bands: int = 3) -> nn.Module:
+                     layers: int = 24, bands: int = 3, band_edges: Sequence[float] | None = None) -> nn.Module:
     """Build a calibration of ``family`` for ``module`` (not attached).
 
-    ``layers`` / ``bands``: the ``bands`` family's shape; ``sigma_range``: the schedule's ``(σ_start, σ_end)``
-    for the per-level families.
+    ``layers`` / ``bands`` / ``band_edges``: the ``bands`` family's shape; ``sigma_range``: the schedule's
+    ``(σ_start, σ_end)`` for the per-level families.
 
     Raises:
         InputError: an unknown family, a module the family cannot hook, or more than 99 variables.
@@ -362,7 +390,7 @@ def make_calibration(family: str, module: nn.Module, *, sigma_range: tuple[float
     if not isinstance(module, nn.Module):
         raise InputError(f"calibration: module must be a torch.nn.Module, got {type(module).__name__}.")
     if family == "bands":
-        return _Bands(module, layers="auto", num_layers=layers, bands=bands)
+        return FrequencyCalibration(module, layers="auto", num_layers=layers, bands=bands, band_edges=band_edges)
     if family == "conv_gain":
         return ConvGain(module)
     if family == "norm_affine":
@@ -376,3 +404,43 @@ def make_calibration(family: str, module: nn.Module, *, sigma_range: tuple[float
     if family == "sigma_residual":
         return SigmaResidual(module, sigma_range)
     raise InputError(f"calibration family is {family!r}, expected one of {', '.join(FAMILIES)}.")
+
+
+class CalibratedPrior:
+    """A prior with a fixed calibration γ, as a value: ``denoise`` is the calibrated denoiser ``D_γ``.
+
+    Mode site and reused site profiles pass this on wherever a prior goes (the optimizer, a method): nothing is
+    attached to the wrapped module outside a :meth:`denoise` call, so the same module serves other methods
+    uncalibrated in between.
+    Shape: as the prior's ``denoise``; ``gamma`` the family's shape (``(L, B)`` for ``bands``).
+
+    Args:
+        module: the prior (an ``nn.Module`` with ``denoise(x, sigma)``).
+        gamma: the fixed γ (copied).
+        shape: the calibration's :class:`CalibrationShape` (default: the band gains, 24 layers × 3 bands).
+
+    Raises:
+        InputError: a γ that does not fit the calibration's shape, or non-finite values.
+    """
+
+    def __init__(self, module: nn.Module, gamma: torch.Tensor, shape: CalibrationShape = CalibrationShape(),
+                 source: str = "calibrated prior") -> None:
+        self.shape = shape
+        self.calibration = shape.build(module)
+        self.calibration._load_gamma(torch.as_tensor(gamma).detach().cpu(), source)
+        self.calibration.requires_grad_(False)
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped prior."""
+        return self.calibration.module
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """A copy of the fixed γ."""
+        return self.calibration.gamma.detach().clone()
+
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The calibrated denoiser: the calibration is attached for this call only."""
+        with self.calibration:
+            return self.calibration.denoise(x, sigma)

@@ -1,8 +1,9 @@
 """Site profiles: a fitted γ saved for one site and one prior, and its validated load.
 
 A profile is a JSON file of a few hundred bytes: the site, the prior it belongs to (the sha256 of
-the checkpoint), the calibration's shape (layer count and a digest of the layer names, band edges)
-and γ (float32, base64: exact round trip). :func:`load_profile` checks the file's structure;
+the checkpoint), the calibration's shape (its family, layer count and a digest of the layer names, band edges
+for the ``bands`` family, the schedule's σ range for the per-level families) and γ (float32, base64: exact round
+trip). A file without ``family`` is a ``bands`` profile (the first version). :func:`load_profile` checks the file's structure;
 :func:`apply_profile` and :func:`calibrated_prior` check that it fits a calibration of a prior
 (same prior, layers and bands) — the one way a saved γ comes back.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recon.adapt.calibration import CalibratedPrior, FrequencyCalibration
+from recon.adapt.families import FAMILIES, CalibratedPrior, CalibrationShape
 from recon.atomic import write_text
 from recon.errors import InputError
 
@@ -45,10 +46,12 @@ class SiteProfile:
         prior: The prior it belongs to (a checkpoint name or sha256).
         num_layers: ``L``.
         layers_sha256: First 16 hex digits of the sha256 of the newline-joined layer names.
-        band_edges: The ``B − 1`` band boundaries.
-        gamma: ``(L, B)`` float32 tensor.
+        band_edges: The ``B − 1`` band boundaries (``bands`` family; empty for the others).
+        gamma: float32 tensor of the family's shape (``(L, B)`` for ``bands``).
         extra: Free JSON metadata (e.g. the held-out loss reached).
         source: The file it was read from.
+        family: The calibration family (:data:`recon.adapt.families.FAMILIES`).
+        sigma_range: The schedule's ``(σ_start, σ_end)`` of a per-level family, else None.
     """
 
     site: str
@@ -59,11 +62,13 @@ class SiteProfile:
     gamma: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    family: str = "bands"
+    sigma_range: tuple[float, float] | None = None
 
 
 def save_profile(
     path: str | os.PathLike[str],
-    calibration: FrequencyCalibration,
+    calibration: nn.Module,
     site: str,
     prior: str,
     extra: dict[str, Any] | None = None,
@@ -73,11 +78,11 @@ def save_profile(
 
     The layer names are stored as their count and a sha256 digest; ``γ`` as little-endian
     float32 in base64 (exact round trip).
-    Shape: ``γ`` ``(L, B)``.
+    Shape: ``γ`` the family's shape.
 
     Args:
         path: Output file (the folder must exist); written through a temp file and ``os.replace``.
-        calibration: The fitted calibration.
+        calibration: The fitted calibration (any family of :mod:`recon.adapt.families`).
         site: Name of the site.
         prior: The prior the calibration belongs to (checkpoint name or sha256).
         extra: JSON-serialisable metadata.
@@ -99,13 +104,16 @@ def save_profile(
     if path.exists() and not overwrite:
         raise InputError(f"{path}: the file exists; expected a new path or overwrite=True.")
     gamma = calibration.gamma.detach().cpu().to(torch.float32).numpy().astype("<f4")
+    sigma_range = getattr(calibration, "sigma_range", None)
     record = {
         "format": PROFILE_FORMAT,
         "version": _PROFILE_VERSION,
         "site": site,
         "prior": prior,
+        "family": calibration.family,
         "layers": {"count": len(calibration.layer_names), "sha256": _layers_digest(calibration.layer_names)},
         "band_edges": list(calibration.band_edges),
+        **({"sigma_range": list(sigma_range)} if sigma_range is not None else {}),
         "gamma": {"shape": list(gamma.shape), "float32_base64": base64.b64encode(gamma.tobytes()).decode("ascii")},
         "extra": dict(extra or {}),
     }
@@ -154,17 +162,29 @@ def load_profile(path: str | os.PathLike[str]) -> SiteProfile:
         edges_t = tuple(float(e) for e in edges)
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: key 'layers', 'gamma' or 'band_edges' is malformed ({err}).") from None
-    if len(shape) != 2 or shape[0] != count or shape[1] != len(edges_t) + 1 or len(raw) != 4 * shape[0] * shape[1]:
-        raise InputError(
-            f"{path}: key 'gamma' holds {len(raw) // 4} values of shape {list(shape)}, expected "
-            f"(layers.count, len(band_edges) + 1) = ({count}, {len(edges_t) + 1})."
-        )
+    family = record.get("family", "bands")
+    if family not in FAMILIES:
+        raise InputError(f"{path}: key 'family' is {family!r}, expected one of {', '.join(FAMILIES)}.")
+    sigma_range = record.get("sigma_range")
+    try:
+        sigma_range = None if sigma_range is None else tuple(float(v) for v in sigma_range)
+    except (TypeError, ValueError):
+        sigma_range = ()
+    if sigma_range is not None and len(sigma_range) != 2:
+        raise InputError(f"{path}: key 'sigma_range' is {record.get('sigma_range')!r}, expected [sigma_start, sigma_end].")
+    if family == "bands":
+        fits = len(shape) == 2 and shape[0] == count and shape[1] == len(edges_t) + 1
+        expected = f"(layers.count, len(band_edges) + 1) = ({count}, {len(edges_t) + 1})"
+    else:
+        fits, expected = 1 <= len(shape) <= 2, "a 1-D or 2-D shape"
+    if not fits or len(raw) != 4 * int(np.prod(shape)):
+        raise InputError(f"{path}: key 'gamma' holds {len(raw) // 4} values of shape {list(shape)}, expected {expected}.")
     gamma = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))
     if not bool(torch.isfinite(gamma).all()):
         raise InputError(f"{path}: key 'gamma' holds non-finite values.")
     if not isinstance(extra, dict):
         raise InputError(f"{path}: key 'extra' must be a JSON object, got {type(extra).__name__}.")
-    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path))
+    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path), family, sigma_range)
 
 
 def apply_profile(
@@ -176,21 +196,27 @@ def apply_profile(
 
     Args:
         profile: A :class:`SiteProfile` or the path of one.
-        calibration: A calibration of the same layers and bands.
+        calibration: A calibration of the same family and shape.
         prior: If given, the profile's ``prior`` must equal it.
 
     Returns:
         The profile applied.
 
     Raises:
-        InputError: naming the file and the key (``prior``, ``layers``, ``band_edges``,
-            ``gamma``) that does not match.
+        InputError: naming the file and the key (``prior``, ``family``, ``layers``, ``band_edges``,
+            ``sigma_range``, ``gamma``) that does not match.
     """
     if not isinstance(profile, SiteProfile):
         profile = load_profile(profile)
     src = profile.source or "site profile"
     if prior is not None and profile.prior != prior:
         raise InputError(f"{src}: key 'prior' is {profile.prior!r}, expected {prior!r}.")
+    if profile.family != calibration.family:
+        raise InputError(f"{src}: key 'family' is {profile.family!r}, expected this calibration's {calibration.family!r}.")
+    own_range = getattr(calibration, "sigma_range", None)
+    if own_range is not None and profile.sigma_range != tuple(own_range):
+        raise InputError(f"{src}: key 'sigma_range' is {profile.sigma_range}, expected the schedule's {tuple(own_range)} "
+                         f"(a per-level γ belongs to its noise levels).")
     names = calibration.layer_names
     if profile.num_layers != len(names) or profile.layers_sha256 != _layers_digest(names):
         raise InputError(
@@ -206,19 +232,17 @@ def apply_profile(
 
 
 def calibrated_prior(profile: SiteProfile | str | os.PathLike[str], module: nn.Module, prior: str,
-                     num_layers: int = 24, bands: int = 3) -> tuple[CalibratedPrior, SiteProfile]:
-    """The validated load of a saved γ: the profile checked against ``module``'s calibration and
+                     shape: CalibrationShape = CalibrationShape()) -> tuple[CalibratedPrior, SiteProfile]:
+    """The validated load of a saved γ: the profile checked against ``module``'s calibration of ``shape`` and
     ``prior`` (its sha256), as a :class:`CalibratedPrior`.
 
-    Shape: the profile's γ ``(L, B)`` must be the calibration's.
+    Shape: the profile's γ must have the calibration's shape.
 
     Raises:
-        InputError: naming the file and the key that does not fit (``prior``, ``layers``,
-            ``band_edges``, ``gamma``).
+        InputError: naming the file and the key that does not fit (``prior``, ``family``, ``layers``,
+            ``band_edges``, ``sigma_range``, ``gamma``).
     """
-    calibration = FrequencyCalibration(module, layers="auto", num_layers=num_layers, bands=bands)
+    calibration = shape.build(module)
     applied = apply_profile(profile, calibration, prior=prior)
-    value = CalibratedPrior(module, applied.gamma, num_layers, bands, calibration.band_edges,
-                            source=applied.source or "site profile")
+    value = CalibratedPrior(module, applied.gamma, shape, source=applied.source or "site profile")
     return value, applied
-

@@ -150,7 +150,7 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     op = Sense(torch.stack([sensitivity_maps(s) for s in samples]), mask)
     settings = dataclasses.replace(method_settings(config, "biasrecon"), adapt="none",
                                    noise_sigma=noise_level(kspace, mask))
-    calibrated = CalibratedPrior(prior, gamma, 24, 3)  # the profile's γ, passed on as a value
+    calibrated = CalibratedPrior(prior, gamma)  # the profile's γ (24 layers x 3 bands), passed on as a value
     image = BiasRecon(calibrated, op, kspace, settings, sampler=TweedieSampler()).run().image
     expected = np.stack([s.denormalize(im.abs()[0]).numpy() for s, im in zip(samples, image)])
     written = _read(reuse / "reconstructions" / "biasrecon" / data.name)

@@ -11,6 +11,7 @@ from torch import nn
 
 from recon.adapt import (
     CalibratedPrior,
+    CalibrationShape,
     calibrated_prior,
     MAX_VARIABLES,
     FrequencyCalibration,
@@ -398,7 +399,7 @@ def test_calibrated_prior_is_a_value_the_profiles_validated_load_returns(tmp_pat
     with calib:
         expected = prior.denoise(x, 0.1)
     path = save_profile(tmp_path / "site.json", calib, site="s", prior="p" * 64)
-    value, profile = calibrated_prior(path, prior, "p" * 64, num_layers=3, bands=2)
+    value, profile = calibrated_prior(path, prior, "p" * 64, CalibrationShape(layers=3, bands=2))
     assert isinstance(value, CalibratedPrior) and profile.site == "s"
     assert torch.equal(value.gamma, calib.gamma.detach())
     assert torch.equal(value.denoise(x, 0.1), expected)  # the calibrated network, bit for bit
@@ -407,6 +408,40 @@ def test_calibrated_prior_is_a_value_the_profiles_validated_load_returns(tmp_pat
         calib.gamma.zero_()
     assert torch.equal(value.denoise(x, 0.1), expected)  # a copy of γ: later changes do not leak in
     with pytest.raises(InputError, match="'prior'"):
-        calibrated_prior(path, prior, "q" * 64, num_layers=3, bands=2)
+        calibrated_prior(path, prior, "q" * 64, CalibrationShape(layers=3, bands=2))
     with pytest.raises(InputError, match="'band_edges'"):
-        calibrated_prior(path, prior, "p" * 64, num_layers=3, bands=3)
+        calibrated_prior(path, prior, "p" * 64, CalibrationShape(layers=3, bands=3))
+    with pytest.raises(InputError, match="'family'"):
+        calibrated_prior(path, prior, "p" * 64, CalibrationShape("conv_gain"))
+
+
+@pytest.mark.parametrize("family", ["norm_affine", "conv_gain", "sigma_in"])
+def test_a_profile_of_every_family_round_trips_and_is_checked(tmp_path, family):
+    """Any family's γ is saved and comes back exactly as a CalibratedPrior whose denoiser is the calibrated one; a
+    profile of another family, of another layer list, or (per-level families) of another σ range is refused."""
+    model = _score_model()
+    shape = CalibrationShape(family, sigma_range=(0.5, 0.01))
+    calib = shape.build(model).attach()
+    with torch.no_grad():
+        calib.gamma.normal_(0.0, 0.2, generator=_gen(8))
+    x = torch.randn(1, 1, 12, 10, dtype=torch.complex64, generator=_gen(9))
+    with torch.no_grad():
+        expected = calib.denoise(x, 0.1)
+    calib.detach()
+    path = save_profile(tmp_path / "site.json", calib, site="s", prior="p" * 64)
+    assert len(path.read_bytes()) < 2000
+    value, profile = calibrated_prior(path, model, "p" * 64, shape)
+    assert profile.family == family and torch.equal(value.gamma, calib.gamma.detach())
+    with torch.no_grad():
+        assert torch.equal(value.denoise(x, 0.1), expected)
+        assert not torch.equal(model.denoise(x, 0.1), expected)  # nothing left attached
+    with pytest.raises(InputError, match="'family'"):
+        calibrated_prior(path, model, "p" * 64, CalibrationShape("freeu"))
+    if family == "sigma_in":
+        with pytest.raises(InputError, match="'sigma_range'"):
+            calibrated_prior(path, model, "p" * 64, CalibrationShape(family, sigma_range=(1.0, 0.01)))
+    else:
+        other = _score_model().network  # other layer names: the network without the ScoreModel wrapper
+        other.denoise = model.denoise
+        with pytest.raises(InputError, match="'layers'"):
+            calibrated_prior(path, other, "p" * 64, shape)
