@@ -115,10 +115,11 @@ class BiasReconSettings:
             "lam" (one learned data-consistency weight λ = exp(ρ), the prior untouched) or "none" (unadapted prior).
             Every mode fits with the same loss, the same θ-steps along the same sampler, and the same guard.
         lora_rank: rank of the LoRA updates (``adapt="lora"``).
-        calibration_family: what ``adapt="gamma"`` fits (:mod:`recon.adapt.families`): "bands" (radial band gains on
-            the network's block outputs, the first version), "conv_gain", "norm_affine", "freeu", "residual_bands",
-            "sigma_in" or "sigma_residual" — each < 100 variables and exactly the prior at γ = 0. Screened by their
-            oracle bound in ``docs/results/calibration_study.md``.
+        calibration_family: what ``adapt="gamma"`` fits (:mod:`recon.adapt.families`): "norm_affine" (a scale and a
+            shift of every normalisation layer's output: 76 variables in the bundled priors), "bands" (radial band
+            gains on the network's block outputs, the first version), "conv_gain", "freeu", "residual_bands",
+            "sigma_in" or "sigma_residual" — each < 100 variables and exactly the prior at γ = 0. Chosen by the
+            oracle bound and the self-supervised result on val slices (``docs/results/calibration_study.md``).
         calib_loss: what the θ-steps minimise: "heldout" (the self-supervised held-out k-space loss) or
             "reference" (the oracle: the error of ``|x|`` against the clean reference image, which the caller
             passes; an upper bound on what the parameterisation can do, never a reconstruction method).
@@ -182,7 +183,7 @@ class BiasReconSettings:
     eta: float = 1.0
     adapt: AdaptMode = "gamma"
     lora_rank: int = 4
-    calibration_family: str = "bands"
+    calibration_family: str = "norm_affine"
     calib_loss: str = "heldout"
     theta_steps: int = 4
     adapt_fraction: float = 0.7

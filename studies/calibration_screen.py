@@ -180,6 +180,37 @@ def report(out: Path, cells: list[str], rows: list[str], losses: list[str]) -> s
     return "; ".join(base_line) + "\n" + "\n".join(lines) + "\n"
 
 
+def figure(out: Path, cells: list[str], rows: list[str], path: Path) -> None:
+    """Bars of the gain over the unadapted prior per family: the oracle bound (light) and the self-supervised
+    result (dark), one panel per cell (val slices)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def gain(cell: str, row: str, loss: str) -> float:
+        paths = [record_path(out, (cell, row, loss, s)) for s in range(CELLS[cell].slices)]
+        base = [record_path(out, (cell, "unadapted", "none", s)) for s in range(CELLS[cell].slices)]
+        if not all(p.exists() for p in paths + base):
+            return float("nan")
+        return float(np.mean([json.loads(p.read_text())["psnr"] - json.loads(b.read_text())["psnr"]
+                              for p, b in zip(paths, base)]))
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, sharey=True)
+    for ax, cell in zip(axes[0], cells):
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [gain(cell, r, "oracle") for r in rows], 0.4, color="#9ecae1", label="oracle bound")
+        ax.bar(x + 0.2, [gain(cell, r, "heldout") for r in rows], 0.4, color="#08519c", label="self-supervised")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(x, rows, rotation=45, ha="right", fontsize=8)
+        ax.set_title(cell, fontsize=9)
+    axes[0][0].set_ylabel("gain over the unadapted prior (dB)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/calibration_screen"))
@@ -191,6 +222,7 @@ def main() -> int:
     parser.add_argument("--losses", default="oracle", help="oracle, heldout or both (comma list)")
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
+    parser.add_argument("--figure", type=Path, help="with --report: draw the bars of bound and result to this PNG")
     args = parser.parse_args()
     cells, rows, losses = args.cells.split(","), args.rows.split(","), args.losses.split(",")
     for c in cells:
@@ -201,6 +233,8 @@ def main() -> int:
             sys.exit(f"--rows: {r!r} is not one of {', '.join(FAMILY_ROWS)}")
     if args.report:
         print(report(args.out, cells, rows, losses))
+        if args.figure is not None:
+            figure(args.out, cells, rows, args.figure)
         return 0
     data = Data(args.out)
     if args.prepare:

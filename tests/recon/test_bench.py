@@ -11,13 +11,15 @@ from scores.samplers import TweedieSampler  # the sampler loop (recon sees it th
 
 
 class SmoothingPrior(nn.Module):
-    """A tiny frozen denoiser, two constant 3×3 convolutions on (real, imaginary): what the γ calibration hooks."""
+    """A tiny frozen denoiser, two constant 3×3 convolutions on (real, imaginary) around a GroupNorm: what the γ
+    calibration hooks (the default family scales and shifts the norm's output)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1))
-        for weight in self.net.parameters():
-            nn.init.constant_(weight, 1 / 36)
+        self.net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 3, padding=1))
+        for layer in (self.net[0], self.net[2]):
+            for weight in layer.parameters():
+                nn.init.constant_(weight, 1 / 36)
         self.requires_grad_(False)
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:

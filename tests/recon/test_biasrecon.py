@@ -59,7 +59,7 @@ def _problem(seed: int = 0, sigma: float = 0.01, density: float = 0.3):
     return op, y, img, sigma
 
 
-SETTINGS = dict(num_steps=8, num_samples=1, sigma_start=0.3, sigma_end=0.01, theta_steps=4, adapt_fraction=1.0, lr=0.03,
+SETTINGS = dict(calibration_family="bands", num_steps=8, num_samples=1, sigma_start=0.3, sigma_end=0.01, theta_steps=4, adapt_fraction=1.0, lr=0.03,
                 lam=0.01, sure=False, acs_fraction=0.1, cg_iters=8, seed=3, calib_iterate="full", acs_auto=False)
 SAMPLER = TweedieSampler()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from fastmri import evaluate as fm_eval
 
-from recon.adapt import CalibratedPrior, FrequencyCalibration, load_profile, save_profile
+from recon.adapt import CalibratedPrior, CalibrationShape, load_profile, save_profile
 from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.coils import sensitivity_maps
 from recon.config import DEFAULT_CONFIG, PRESETS, load_config, method_settings, split_overrides
@@ -114,7 +114,7 @@ def test_figures_profile_and_config_are_written(scan_run):
     profile = load_profile(scan_run / "profile.json")
     digest = hashlib.sha256(PRIOR_FILE.read_bytes()).hexdigest()
     assert profile.prior == digest and profile.site == "unseen_center_template"
-    assert profile.gamma.shape[1] == 3 and profile.gamma.numel() < 100
+    assert profile.family == BiasReconSettings().calibration_family and profile.gamma.numel() < 100
     assert profile.extra["mode"] == "scan" and len(profile.extra["calibrated_on"]) == 2  # the first batch
     files = _data_files(scan_run)
     for path in files:  # each volume's first batch's γ, a site profile of its own (γ is not in the records)
@@ -130,8 +130,8 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     """A profile with non-zero γ is applied: the written volume equals BiasRecon run directly with it."""
     out, profile_path = site_run
     original = load_profile(profile_path)
-    calibration = FrequencyCalibration(prior, num_layers=24, bands=3)
-    gamma = 0.3 * torch.randn(calibration.gamma.shape, generator=torch.Generator().manual_seed(1))
+    calibration = CalibrationShape(BiasReconSettings().calibration_family).build(prior)  # the default family
+    gamma = 0.1 * torch.randn(calibration.gamma.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         calibration.gamma.copy_(gamma)
     crafted = save_profile(tmp_path / "crafted.json", calibration, original.site, original.prior)
@@ -150,7 +150,7 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     op = Sense(torch.stack([sensitivity_maps(s) for s in samples]), mask)
     settings = dataclasses.replace(method_settings(config, "biasrecon"), adapt="none",
                                    noise_sigma=noise_level(kspace, mask))
-    calibrated = CalibratedPrior(prior, gamma)  # the profile's γ (24 layers x 3 bands), passed on as a value
+    calibrated = CalibratedPrior(prior, gamma, CalibrationShape(settings.calibration_family))  # the profile's γ, as a value
     image = BiasRecon(calibrated, op, kspace, settings, sampler=TweedieSampler()).run().image
     expected = np.stack([s.denormalize(im.abs()[0]).numpy() for s, im in zip(samples, image)])
     written = _read(reuse / "reconstructions" / "biasrecon" / data.name)
@@ -297,7 +297,7 @@ def _assert_bad_input(capsys, out: Path, argv: list[str], fragment: str) -> None
         (["maps=false"], "'maps'"),
         (["methods=[biasrecon,magic]"], "'methods'"),
         (["no_equals_sign"], "key=value"),
-        (["calibration.bands=6"], "variables"),  # 18 blocks x 6 bands > 99 calibration variables
+        (["biasrecon.calibration_family=bands", "calibration.bands=6"], "variables"),  # 18 blocks x 6 bands > 99
     ],
 )
 def test_bad_overrides(tmp_path, capsys, extra, fragment):

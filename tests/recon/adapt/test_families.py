@@ -574,7 +574,7 @@ def test_bad_families_modules_and_ranges_are_input_errors():
         BiasReconSettings(calibration_family="nope")
     for family in FAMILIES:
         assert BiasReconSettings(calibration_family=family).calibration_family == family
-    assert BiasReconSettings().calibration_family == "bands"
+    assert BiasReconSettings().calibration_family == "norm_affine"  # the default (calibration_study.md)
     with pytest.raises(InputError, match="no layer"):
         ConvGain(nn.Sequential(nn.Conv2d(1, 1, 1)))  # only the output conv
     with pytest.raises(InputError, match="no layer"):
