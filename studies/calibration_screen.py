@@ -211,7 +211,7 @@ def figure(out: Path, cells: list[str], rows: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/calibration_screen"))
     parser.add_argument("--cells", default="brain_knee_4x,brain_knee_8x,knee_colin_4x",
@@ -223,14 +223,15 @@ def main() -> int:
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
     parser.add_argument("--figure", type=Path, help="with --report: draw the bars of bound and result to this PNG")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cells, rows, losses = args.cells.split(","), args.rows.split(","), args.losses.split(",")
-    for c in cells:
-        if c not in CELLS:
-            sys.exit(f"--cells: {c!r} is not one of {', '.join(CELLS)}")
-    for r in rows:
-        if r.partition("+k")[0].partition("@")[0] not in FAMILY_ROWS:
-            sys.exit(f"--rows: {r!r} is not one of {', '.join(FAMILY_ROWS)}")
+    bad = ([f"key '--cells': {c!r} is not one of {', '.join(CELLS)}" for c in cells if c not in CELLS]
+           + [f"key '--rows': {r!r} is not one of {', '.join(FAMILY_ROWS)} (optionally @lr and +kK)" for r in rows
+              if r.partition("+k")[0].partition("@")[0] not in FAMILY_ROWS]
+           + [f"key '--losses': {v!r} is not oracle or heldout" for v in losses if v not in ("oracle", "heldout")])
+    if bad:
+        print(f"calibration_screen: {bad[0]}.", file=sys.stderr)
+        return 2
     if args.report:
         print(report(args.out, cells, rows, losses))
         if args.figure is not None:

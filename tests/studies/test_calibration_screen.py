@@ -1,0 +1,41 @@
+"""studies/calibration_screen.py: its table's gains are the per-slice differences of the records against the
+unadapted prior's, and bad input exits 2 before anything is computed or written."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import load_script
+
+
+def _write(script, out, unit, psnr, seconds=10.0, num_adapted=76, val=(0.5, 0.4)):
+    path = script.record_path(out, unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"psnr": psnr, "seconds": seconds, "num_adapted": num_adapted,
+                                "val_loss_zero": val[0], "val_loss_best": val[1]}))
+
+
+def test_report_gains_are_the_per_slice_differences_from_the_unadapted_prior(tmp_path):
+    script = load_script("studies/calibration_screen.py")
+    cell = "brain_knee_4x"  # 2 val slices
+    for s, (base, fam) in enumerate([(30.0, 31.5), (32.0, 32.0)]):
+        _write(script, tmp_path, (cell, "unadapted", "none", s), base, seconds=40.0, num_adapted=0, val=(None, None))
+        _write(script, tmp_path, (cell, "norm_affine", "heldout", s), fam, seconds=200.0 + s,
+               val=(0.5, 0.4) if s == 0 else (0.5, 0.5))
+    table = script.report(tmp_path, [cell], ["norm_affine", "bands"], ["heldout"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    variables, gains, mean = rows["norm_affine"]
+    assert variables == "76" and mean == "+0.75"
+    assert gains == "+0.75 (+1.50, +0.00; 1/2 kept; 200 s)"  # the guard kept γ where its loss fell
+    assert rows["bands"][1] == "…"  # no records yet: not a number
+    assert "unadapted 31.00 dB (40 s/slice)" in table
+
+
+def test_bad_cells_rows_and_losses_exit_2_naming_the_key(tmp_path, capsys):
+    script = load_script("studies/calibration_screen.py")
+    for argv, key in ((["--cells", "brain_knee_5x"], "'--cells'"), (["--rows", "magic"], "'--rows'"),
+                      (["--losses", "reference"], "'--losses'")):
+        assert script.main([*argv, "--out", str(tmp_path / "o")]) == 2
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
