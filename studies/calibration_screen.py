@@ -153,7 +153,7 @@ def report(out: Path, cells: list[str], rows: list[str], losses: list[str]) -> s
 
     lines = []
     for loss in losses:
-        lines += [f"\n### {loss}: gain over the unadapted prior (dB, mean of the val slices; seconds per slice)\n",
+        lines += [f"\n### {loss}: gain over the unadapted prior (dB, mean of the cell's slices; seconds per slice)\n",
                   "| family | variables | " + " | ".join(cells) + " | mean |", "|---|---:|" + "---:|" * (len(cells) + 1)]
         for row in rows:
             cols, gains, nvar = [], [], "—"
