@@ -599,8 +599,8 @@ class BiasRecon:
         self.val_theta, self.val_lambda = self._split(vgen)
         self.val_op = theta_operator(self.op, self.val_theta)
         self.val_y = self.y * self.val_theta
-        self._sampled = (self.val_theta + self.val_lambda).to(self.val_theta.dtype)  # Ω as the splits see it
-        if self.s.guard_splits > 1:  # K disjoint folds of Λ_v, each scan's own
+        if self.s.guard_splits > 1:  # K disjoint folds of Λ_v, each scan's own; Ω as the splits see it
+            self._sampled = (self.val_theta + self.val_lambda).to(self.val_theta.dtype)
             fgen = torch.Generator().manual_seed(self.s.seed + 6151)
             per_scan = [split_folds(m, self.s.guard_splits, generator=fgen) for m in self._scan_masks(self.val_lambda)]
             if len(per_scan) == 1:

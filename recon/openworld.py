@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,20 @@ def release(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def cached_maps(path: Path, sample: Callable[[], Sample]) -> torch.Tensor:
+    """The ESPIRiT maps of a slice (:func:`recon.coils.sensitivity_maps`), computed once and kept at ``path``:
+    written through a per-process temp file and ``os.replace``, so processes sharing the folder never read half a
+    file. ``sample`` is called only when ``path`` does not exist yet. Shape: ``(C, H, W)`` complex."""
+    if path.exists():
+        return torch.load(path)
+    maps = sensitivity_maps(sample())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(maps, tmp)
+    os.replace(tmp, path)
+    return maps
+
+
 class Workspace:
     """What units share inside one process: the domains' samples, their maps (cached on disk) and the priors."""
 
@@ -304,15 +318,8 @@ class Workspace:
         return self.samples[key][index]
 
     def maps(self, domain: str, acceleration: int, index: int) -> torch.Tensor:
-        path = self.out / "maps" / f"{domain}__{acceleration}x" / f"{index:03d}.pt"
-        if path.exists():
-            return torch.load(path)
-        maps = sensitivity_maps(self.sample(domain, acceleration, index))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(maps, tmp)
-        os.replace(tmp, path)
-        return maps
+        return cached_maps(self.out / "maps" / f"{domain}__{acceleration}x" / f"{index:03d}.pt",
+                           lambda: self.sample(domain, acceleration, index))
 
     def prior(self, name: str) -> Any:
         if name not in self.priors:

@@ -17,8 +17,8 @@ the real knees at 4x and 8x, and the knee prior on the real T1 brain (``colin27_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import socket
 import sys
 import time
@@ -30,10 +30,9 @@ import torch
 
 from recon.atomic import write_text
 from recon.biasrecon import BiasRecon, BiasReconSettings
-from recon.coils import sensitivity_maps
 from recon.data.sites import load_site, site_dataset
 from recon.methods import FINETUNE_LR, reference_stack, slice_scores
-from recon.openworld import claim, release
+from recon.openworld import cached_maps, claim, release
 from recon.operators import Sense
 from scores.priors import load_prior, resolve_prior
 from scores.samplers import TweedieSampler
@@ -97,15 +96,7 @@ class Data:
         return self.cache[cell.name][index]
 
     def maps(self, cell: Cell, index: int) -> torch.Tensor:
-        path = self.out / "maps" / cell.name / f"{index:03d}.pt"
-        if path.exists():
-            return torch.load(path)
-        maps = sensitivity_maps(self.sample(cell, index))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(maps, tmp)
-        os.replace(tmp, path)
-        return maps
+        return cached_maps(self.out / "maps" / cell.name / f"{index:03d}.pt", lambda: self.sample(cell, index))
 
     def prior(self, name: str):
         if name not in self.priors:
@@ -119,7 +110,7 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
     sample, maps = data.sample(cell, s), data.maps(cell, s)
     op = Sense(maps[None], sample.mask[None, None])
     if row == "unadapted":
-        settings, bands = BiasReconSettings(**{**SETTINGS.__dict__, "adapt": "none"}), 3
+        settings, bands = dataclasses.replace(SETTINGS, adapt="none"), 3
     else:
         head, _, folds = row.partition("+k")  # "family@lr+kK": another Adam step, K guard folds
         name, _, lr = head.partition("@")
@@ -130,8 +121,7 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
             change["lr"] = float(lr)
         if folds:
             change["guard_splits"] = int(folds)
-        settings = BiasReconSettings(**{**SETTINGS.__dict__, **change,
-                                        "calib_loss": "reference" if loss == "oracle" else "heldout"})
+        settings = dataclasses.replace(SETTINGS, **change, calib_loss="reference" if loss == "oracle" else "heldout")
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
     start = time.perf_counter()
     result = BiasRecon(data.prior(cell.prior), op, sample.kspace[None], settings, sampler=TweedieSampler(),

@@ -34,6 +34,7 @@ from recon.errors import InputError
 __all__ = [
     "MAX_VARIABLES",
     "R_MAX",
+    "Calibration",
     "FrequencyCalibration",
     "radial_bands",
     "default_band_edges",
@@ -194,7 +195,103 @@ def candidate_layers(module: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-class FrequencyCalibration(nn.Module):
+def require_module(module: object) -> None:
+    """Raises InputError unless ``module`` is an ``nn.Module`` (what every calibration hooks into)."""
+    if not isinstance(module, nn.Module):
+        raise InputError(f"calibration: module must be a torch.nn.Module, got {type(module).__name__}.")
+
+
+def check_count(family: str, count: int) -> None:
+    """Raises InputError unless ``1 ≤ count ≤ MAX_VARIABLES``, naming the family."""
+    if count < 1:
+        raise InputError(f"calibration family {family!r}: no variable to fit; expected at least one.")
+    if count > MAX_VARIABLES:
+        raise InputError(f"calibration family {family!r}: {count} variables, expected at most {MAX_VARIABLES}; "
+                         f"choose fewer layers, blocks or bands.")
+
+
+class Calibration(nn.Module):
+    """The contract of every calibration family (:mod:`recon.adapt.families`): ``gamma``, the hooks, and the
+    calibrated denoiser.
+
+    The wrapped module is held by reference, not registered: ``parameters()`` and ``state_dict()`` hold ``γ``
+    only, and ``.to()`` moves only ``γ``. A family registers its hooks in :meth:`_hooks`; :meth:`detach` removes
+    them, leaving the module exactly as it was. ``denoise`` is the calibrated denoiser ``D_γ(x, s)`` (attach
+    first), bit for bit the module's own ``denoise`` at ``γ = 0``.
+    Shape: ``gamma`` as the family defines it (float32 zeros); ``denoise`` complex ``(B, 1, H, W)``.
+    """
+
+    family = "base"
+    layer_names: tuple[str, ...] = ()  # the hooked layers (none for the denoiser-level families)
+    band_edges: tuple[float, ...] = ()  # the bands family's only
+
+    def __init__(self, module: nn.Module, shape: Sequence[int]) -> None:
+        super().__init__()
+        require_module(module)
+        self.__dict__["_module"] = module  # a reference, not a registered submodule
+        self.__dict__["_handles"] = []
+        self.gamma = nn.Parameter(torch.zeros(*shape))
+        self._outer_attached = False
+        check_count(self.family, self.gamma.numel())
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module."""
+        return self.__dict__["_module"]
+
+    @property
+    def num_variables(self) -> int:
+        """The number of calibration variables."""
+        return self.gamma.numel()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are currently registered."""
+        return bool(self.__dict__["_handles"])
+
+    def _hooks(self) -> list[Any]:
+        """The handles of the family's hooks, registered now (none for denoiser-level families)."""
+        return []
+
+    def attach(self) -> "Calibration":
+        """Register the hooks (no-op if attached). Returns ``self``."""
+        if not self.attached:
+            self.__dict__["_handles"].extend(self._hooks())
+            if not self.__dict__["_handles"]:
+                self.__dict__["_handles"].append(None)  # attached, with nothing to remove
+        return self
+
+    def detach(self) -> "Calibration":
+        """Remove the hooks (no-op if detached); the module is then exactly as before. Returns ``self``."""
+        handles: list[RemovableHandle | None] = self.__dict__["_handles"]
+        while handles:
+            handle = handles.pop()
+            if handle is not None:
+                handle.remove()
+        return self
+
+    def __enter__(self) -> "Calibration":
+        self._outer_attached = self.attached
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._outer_attached:
+            self.detach()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Set ``γ = 0`` (the pre-trained network)."""
+        self.gamma.zero_()
+
+    def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
+        load_gamma(self.gamma, gamma, source)
+
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """``D_γ(x, s)``: the module's denoiser with the hooks (attach first) and the family's own changes."""
+        return self.module.denoise(x, sigma)
+
+
+class FrequencyCalibration(Calibration):
     """Layer-wise frequency-band gains ``γ`` attached to a network through forward hooks.
 
     Maths: output ``h`` of layer ``l`` ← ``h + Re(IFFT2((Σ_b γ[l, b] W_b) ⊙ FFT2(h)))`` with the
@@ -238,11 +335,9 @@ class FrequencyCalibration(nn.Module):
         bands: int = 3,
         band_edges: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(module, nn.Module):
-            raise InputError(f"calibration: module must be a torch.nn.Module, got {type(module).__name__}.")
-        self.band_edges: tuple[float, ...] = _check_band_edges(bands, band_edges)
-        self.bands = int(bands)
+        require_module(module)
+        edges = _check_band_edges(bands, band_edges)
+        bands = int(bands)
         by_name = dict(module.named_modules())
         if isinstance(layers, str):
             if layers != "auto":
@@ -263,34 +358,16 @@ class FrequencyCalibration(nn.Module):
                     )
             if len(set(names)) != len(names):
                 raise InputError(f"calibration: layers lists a layer more than once: {names}.")
-        if len(names) * self.bands > MAX_VARIABLES:
+        if len(names) * bands > MAX_VARIABLES:
             raise InputError(
-                f"calibration: {len(names)} layers x {self.bands} bands = {len(names) * self.bands} variables, "
+                f"calibration: {len(names)} layers x {bands} bands = {len(names) * bands} variables, "
                 f"expected at most {MAX_VARIABLES}; choose fewer layers or bands."
             )
-        self.__dict__["_module"] = module  # a reference, not a registered submodule
+        super().__init__(module, (len(names), bands))
+        self.band_edges: tuple[float, ...] = edges
+        self.bands = bands
         self.__dict__["_layers"] = [by_name[n] for n in names]
-        self.__dict__["_handles"] = []
         self.layer_names: tuple[str, ...] = tuple(names)
-        self.gamma = nn.Parameter(torch.zeros(len(names), self.bands))
-        self._outer_attached = False
-
-    # -- properties ---------------------------------------------------------------------------
-
-    @property
-    def module(self) -> nn.Module:
-        """The wrapped module."""
-        return self.__dict__["_module"]
-
-    @property
-    def num_variables(self) -> int:
-        """``L · B``, the number of calibration variables."""
-        return self.gamma.numel()
-
-    @property
-    def attached(self) -> bool:
-        """Whether the hooks are currently registered."""
-        return bool(self.__dict__["_handles"])
 
     def extra_repr(self) -> str:
         return f"layers={len(self.layer_names)}, bands={self.bands}, attached={self.attached}"
@@ -316,39 +393,11 @@ class FrequencyCalibration(nn.Module):
         correction = torch.fft.ifft2(spectrum * gain).real
         return output + correction.to(output.dtype)  # γ = 0: correction ≡ 0, so output + 0 == output
 
-    def attach(self) -> "FrequencyCalibration":
-        """Register the forward hooks (no-op if attached). Returns ``self``."""
-        if not self.attached:
-            handles = self.__dict__["_handles"]
-            for index, layer in enumerate(self.__dict__["_layers"]):
-                handles.append(layer.register_forward_hook(functools.partial(self._hook, index)))
-        return self
-
-    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """``D_γ(x, s)``: the module's own ``denoise`` with the hooks (attach first)."""
-        return self.module.denoise(x, sigma)
-
-    def detach(self) -> "FrequencyCalibration":
-        """Remove the hooks (no-op if detached); the module is then exactly as before. Returns ``self``."""
-        handles: list[RemovableHandle] = self.__dict__["_handles"]
-        while handles:
-            handles.pop().remove()
-        return self
-
-    def __enter__(self) -> "FrequencyCalibration":
-        self._outer_attached = self.attached
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._outer_attached:
-            self.detach()
+    def _hooks(self) -> list[RemovableHandle]:
+        return [layer.register_forward_hook(functools.partial(self._hook, index))
+                for index, layer in enumerate(self.__dict__["_layers"])]
 
     # -- values ---------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        """Set ``γ = 0`` (the pre-trained network)."""
-        self.gamma.zero_()
 
     def state(self) -> dict[str, Any]:
         """A copy of the calibration: ``{"layers": [...], "band_edges": [...], "gamma": (L, B) tensor}``."""
@@ -378,9 +427,6 @@ class FrequencyCalibration(nn.Module):
                 f"{source}: key 'band_edges' is {list(state['band_edges'])}, expected {list(self.band_edges)}."
             )
         self._load_gamma(torch.as_tensor(state["gamma"]), source)
-
-    def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
-        load_gamma(self.gamma, gamma, source)
 
 
 def load_gamma(target: nn.Parameter, gamma: torch.Tensor, source: str) -> None:

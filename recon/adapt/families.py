@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from recon.adapt.calibration import (MAX_VARIABLES, FrequencyCalibration, _radial_bands_cached,
-                                     default_band_edges, load_gamma)
+from recon.adapt.calibration import (Calibration, FrequencyCalibration, _radial_bands_cached, default_band_edges,
+                                     require_module)
 from recon.errors import InputError
 
 __all__ = ["FAMILIES", "Calibration", "CalibratedPrior", "CalibrationShape", "ConvGain", "NormAffine", "FreeU", "ResidualBands", "SigmaIn",
@@ -56,89 +56,6 @@ def level_block(sigma: float, sigma_range: tuple[float, float], blocks: int) -> 
     start, end = sigma_range
     position = math.log(start / max(value, 1e-30)) / math.log(start / end)
     return min(max(int(math.floor(blocks * position)), 0), blocks - 1)
-
-
-def _check_count(name: str, count: int) -> None:
-    if count < 1:
-        raise InputError(f"calibration family {name!r}: no variable to fit; expected at least one.")
-    if count > MAX_VARIABLES:
-        raise InputError(f"calibration family {name!r}: {count} variables, expected at most {MAX_VARIABLES}; "
-                         f"choose fewer layers, blocks or bands.")
-
-
-class Calibration(nn.Module):
-    """The common part of every family: ``gamma``, the hooks, and the calibrated denoiser.
-
-    The wrapped module is held by reference, not registered (``parameters()`` hold ``γ`` only).
-    Shape: ``gamma`` as the family defines it (float32 zeros); ``denoise`` complex ``(B, 1, H, W)``.
-    """
-
-    family = "base"
-    layer_names: tuple[str, ...] = ()  # the hooked layers (none for the denoiser-level families)
-    band_edges: tuple[float, ...] = ()  # the bands family's only
-
-    def __init__(self, module: nn.Module, shape: Sequence[int]) -> None:
-        super().__init__()
-        if not isinstance(module, nn.Module):
-            raise InputError(f"calibration: module must be a torch.nn.Module, got {type(module).__name__}.")
-        self.__dict__["_module"] = module
-        self.__dict__["_handles"] = []
-        self.gamma = nn.Parameter(torch.zeros(*shape))
-        self._outer_attached = False
-        _check_count(self.family, self.gamma.numel())
-
-    @property
-    def module(self) -> nn.Module:
-        """The wrapped module."""
-        return self.__dict__["_module"]
-
-    @property
-    def num_variables(self) -> int:
-        return self.gamma.numel()
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.__dict__["_handles"])
-
-    def _hooks(self) -> list[Any]:
-        """The handles of the family's hooks, registered now (none for denoiser-level families)."""
-        return []
-
-    def attach(self) -> "Calibration":
-        """Register the hooks (no-op if attached). Returns ``self``."""
-        if not self.attached:
-            self.__dict__["_handles"].extend(self._hooks())
-            if not self.__dict__["_handles"]:
-                self.__dict__["_handles"].append(None)  # attached, with nothing to remove
-        return self
-
-    def detach(self) -> "Calibration":
-        """Remove the hooks; the module is then exactly as before. Returns ``self``."""
-        handles = self.__dict__["_handles"]
-        while handles:
-            handle = handles.pop()
-            if handle is not None:
-                handle.remove()
-        return self
-
-    def __enter__(self) -> "Calibration":
-        self._outer_attached = self.attached
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._outer_attached:
-            self.detach()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        self.gamma.zero_()
-
-    def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
-        load_gamma(self.gamma, gamma, source)
-
-    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """``D_γ(x, s)``: the module's denoiser with the hooks (attach first) and the family's own changes."""
-        return self.module.denoise(x, sigma)
 
 
 class _LayerGains(Calibration):
@@ -387,8 +304,7 @@ def make_calibration(family: str, module: nn.Module, *, sigma_range: tuple[float
     Raises:
         InputError: an unknown family, a module the family cannot hook, or more than 99 variables.
     """
-    if not isinstance(module, nn.Module):
-        raise InputError(f"calibration: module must be a torch.nn.Module, got {type(module).__name__}.")
+    require_module(module)
     if family == "bands":
         return FrequencyCalibration(module, layers="auto", num_layers=layers, bands=bands, band_edges=band_edges)
     if family == "conv_gain":
