@@ -211,6 +211,13 @@ def _checked(cfg: Any, where: str) -> AdaptConfig:
             f"{where}: keys 'calibration.layers' and 'calibration.bands' are {layers} and {bands}, "
             f"expected positive integers."
         )
+    family, shape = config.biasrecon.calibration_family, CalibrationSection()
+    if family != "bands" and (layers, bands) != (shape.layers, shape.bands):
+        raise InputError(
+            f"{where}: keys 'calibration.layers' and 'calibration.bands' are {layers} and {bands}, but they shape only "
+            f"the bands family and 'biasrecon.calibration_family' is {family!r}; expected "
+            f"biasrecon.calibration_family=bands with them, or their defaults {shape.layers} and {shape.bands}."
+        )
     for method in config.methods:
         if method not in PRIOR_METHODS:
             continue

@@ -22,7 +22,8 @@ Configuration: ``configs/biasrecon/default.yaml`` (or ``--config``) on the adapt
 (:class:`recon.config.AdaptConfig`; its ``biasrecon`` section is
 :class:`recon.biasrecon.BiasReconSettings`), then ``key=value`` overrides: keys starting with
 ``site.`` go, without the prefix, to the site (``site.acquisition.acceleration=8``); every other
-key to the adapt config (``biasrecon.num_steps=20``, ``calibration.bands=4``, ``mode=site``).
+key to the adapt config (``biasrecon.num_steps=20``, ``biasrecon.calibration_family=bands calibration.bands=4``,
+``mode=site``).
 Unknown keys are errors. The defaults are chosen for quality (60 noise levels, 2 posterior samples:
 ``docs/results/speed_quality.md``); ``preset=fast`` (8 levels, 1 sample; ``make demo``) is the cheap end, and keys
 on the command line override the preset's. The summary names the preset, its levels and samples.

@@ -30,6 +30,7 @@ import torch
 
 from recon.atomic import write_text
 from recon.biasrecon import BiasRecon, BiasReconSettings
+from recon.errors import InputError
 from recon.data.sites import load_site, site_dataset
 from recon.methods import FINETUNE_LR, reference_stack, slice_scores
 from recon.openworld import cached_maps, claim, release
@@ -68,6 +69,37 @@ FAMILY_ROWS = {
 ORDER = ["bands", "sigma_in", "residual_bands", "conv_gain", "norm_affine", "freeu", "bands5", "sigma_residual"]
 
 
+def row_settings(row: str) -> tuple[str, dict]:
+    """A row's family name and its settings overrides: ``family[@lr][+kK][:key=value]...`` — another Adam step,
+    ``K`` guard folds, any other :class:`BiasReconSettings` field (a list as ``a/b/c``), e.g.
+    ``norm_affine:split_ratio=0.25``, ``norm_affine:guard_scales=0.25/0.5/1/1.5``."""
+    head, *pairs = row.split(":")
+    head, _, folds = head.partition("+k")
+    name, _, lr = head.partition("@")
+    change: dict = {}
+    if lr:
+        change["lr"] = float(lr)
+    if folds:
+        change["guard_splits"] = int(folds)
+    fields = {f.name: f for f in dataclasses.fields(BiasReconSettings)}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields or not value:
+            raise ValueError(f"{pair!r} is not key=value with a biasrecon setting as key")
+        default = getattr(SETTINGS, key)
+        if isinstance(default, tuple):
+            change[key] = tuple(float(v) for v in value.split("/"))
+        elif isinstance(default, bool):
+            change[key] = value.lower() == "true"
+        elif isinstance(default, int):
+            change[key] = int(value)
+        elif isinstance(default, float):
+            change[key] = float(value)
+        else:
+            change[key] = value
+    return name, change
+
+
 def default_units(cells: list[str], rows: list[str], losses: list[str]) -> list[tuple[str, str, str, int]]:
     """Units in working order: per cell, the unadapted prior, then each row's oracle (and self-supervised) run."""
     out = []
@@ -82,7 +114,7 @@ def default_units(cells: list[str], rows: list[str], losses: list[str]) -> list[
 
 def record_path(out: Path, unit: tuple[str, str, str, int]) -> Path:
     cell, row, loss, s = unit
-    return out / "records" / cell / f"{row}__{loss}" / f"{s:03d}.json"
+    return out / "records" / cell / f"{row.replace('/', '_')}__{loss}" / f"{s:03d}.json"
 
 
 class Data:
@@ -112,15 +144,10 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
     if row == "unadapted":
         settings, bands = dataclasses.replace(SETTINGS, adapt="none"), 3
     else:
-        head, _, folds = row.partition("+k")  # "family@lr+kK": another Adam step, K guard folds
-        name, _, lr = head.partition("@")
+        name, change = row_settings(row)
         family, bands = FAMILY_ROWS[name]
-        change = {"adapt": "full", "lr": FINETUNE_LR} if family == "full" else \
-            {"adapt": "gamma", "calibration_family": family}
-        if lr:
-            change["lr"] = float(lr)
-        if folds:
-            change["guard_splits"] = int(folds)
+        change = ({"adapt": "full", "lr": FINETUNE_LR} if family == "full" else
+                  {"adapt": "gamma", "calibration_family": family}) | change
         settings = dataclasses.replace(SETTINGS, **change, calib_loss="reference" if loss == "oracle" else "heldout")
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
     start = time.perf_counter()
@@ -201,6 +228,18 @@ def figure(out: Path, cells: list[str], rows: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def row_problem(row: str) -> str | None:
+    """Why ``row`` is not a row (None: it is one)."""
+    try:
+        name, change = row_settings(row)
+        dataclasses.replace(SETTINGS, **change)
+    except (ValueError, InputError) as error:
+        return str(error)
+    if name not in FAMILY_ROWS:
+        return f"{name!r} is not one of {', '.join(FAMILY_ROWS)} (optionally @lr, +kK and :key=value)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/calibration_screen"))
@@ -208,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(CELLS)}")
     parser.add_argument("--rows", default=",".join(ORDER),
                         help="families (FAMILY_ROWS), each optionally with its own Adam step and guard folds: "
-                             "sigma_in@0.3, norm_affine+k3, norm_affine@0.02+k3")
+                             "sigma_in@0.3, norm_affine+k3, norm_affine:split_ratio=0.25:step_selection=last")
     parser.add_argument("--losses", default="oracle", help="oracle, heldout or both (comma list)")
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
@@ -216,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cells, rows, losses = args.cells.split(","), args.rows.split(","), args.losses.split(",")
     bad = ([f"key '--cells': {c!r} is not one of {', '.join(CELLS)}" for c in cells if c not in CELLS]
-           + [f"key '--rows': {r!r} is not one of {', '.join(FAMILY_ROWS)} (optionally @lr and +kK)" for r in rows
-              if r.partition("+k")[0].partition("@")[0] not in FAMILY_ROWS]
+           + [f"key '--rows': {r!r}: {problem}" for r in rows if (problem := row_problem(r))]
            + [f"key '--losses': {v!r} is not oracle or heldout" for v in losses if v not in ("oracle", "heldout")])
     if bad:
         print(f"calibration_screen: {bad[0]}.", file=sys.stderr)

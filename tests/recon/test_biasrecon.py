@@ -126,6 +126,36 @@ def test_guard_scales_keep_the_candidate_whose_chain_predicts_the_heldout_data_b
     assert several.val_loss_best <= single.val_loss_best + 1e-6  # never worse than keep-or-nothing
 
 
+@pytest.mark.parametrize("selection", ["validation", "last"])
+def test_step_selection_denoises_with_the_best_so_far_or_adams_latest_iterate(selection):
+    """step_selection: after each θ-step the x-step denoises with the parameters of lowest validation loss so far
+    ("validation") or with Adam's latest iterate ("last"); the final guard judges either."""
+    op, y, _, _ = _problem()
+    settings = BiasReconSettings(**{**SETTINGS, "lr": 1.0}, adapt="gamma", step_selection=selection)
+    opt = _optimizer(BlurDenoiser(), op, y, settings)
+    start_loss = opt.val_loss_zero  # the validation loss at γ = 0
+    seen = []  # (γ the x-step uses, Adam's iterate, validation loss of the iterate)
+
+    def look(record: dict) -> None:
+        used = opt.calibration.gamma.detach().clone()
+        opt._set_params(opt._iterate)
+        seen.append((used, opt._iterate[0].clone(), opt._validation_loss()))
+        opt._set_params([used])
+
+    opt.calibrate(callback=look)
+    used, iterates, val = zip(*seen)
+    if selection == "last":
+        assert all(torch.equal(u, i) for u, i in zip(used, iterates))
+    else:  # the iterate of least validation loss so far (γ = 0 before any step)
+        best, best_loss = torch.zeros_like(iterates[0]), start_loss
+        for u, i, v in zip(used, iterates, val):
+            if v < best_loss:
+                best, best_loss = i, v
+            assert torch.equal(u, best)
+        assert any(not torch.equal(u, i) for u, i in zip(used, iterates))  # lr 1.0 overshoots: selection matters
+    assert opt.val_loss_best <= opt.val_loss_zero  # the guard keeps a candidate only if its chain beats γ = 0's
+
+
 def test_full_finetuning_leaves_the_prior_untouched_and_respects_the_guard():
     op, y, _, _ = _problem()
     prior = BlurDenoiser()

@@ -298,6 +298,7 @@ def _assert_bad_input(capsys, out: Path, argv: list[str], fragment: str) -> None
         (["methods=[biasrecon,magic]"], "'methods'"),
         (["no_equals_sign"], "key=value"),
         (["biasrecon.calibration_family=bands", "calibration.bands=6"], "variables"),  # 18 blocks x 6 bands > 99
+        (["calibration.bands=4"], "shape only the bands family"),  # the default family (norm_affine) has no bands
     ],
 )
 def test_bad_overrides(tmp_path, capsys, extra, fragment):

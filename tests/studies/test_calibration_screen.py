@@ -35,7 +35,20 @@ def test_report_gains_are_the_per_slice_differences_from_the_unadapted_prior(tmp
 def test_bad_cells_rows_and_losses_exit_2_naming_the_key(tmp_path, capsys):
     script = load_script("studies/calibration_screen.py")
     for argv, key in ((["--cells", "brain_knee_5x"], "'--cells'"), (["--rows", "magic"], "'--rows'"),
+                      (["--rows", "norm_affine:magic=1"], "'magic=1'"),
+                      (["--rows", "norm_affine:split_ratio=2"], "split_ratio must be in (0, 1)"),
                       (["--losses", "reference"], "'--losses'")):
         assert script.main([*argv, "--out", str(tmp_path / "o")]) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rows_name_a_family_and_any_biasrecon_setting():
+    script = load_script("studies/calibration_screen.py")
+    name, change = script.row_settings("norm_affine@0.02+k3:split_ratio=0.25:guard_scales=0.25/1/1.5"
+                                       ":step_selection=last:theta_steps=6")
+    assert name == "norm_affine"
+    assert change == {"lr": 0.02, "guard_splits": 3, "split_ratio": 0.25, "guard_scales": (0.25, 1.0, 1.5),
+                      "step_selection": "last", "theta_steps": 6}
+    path = script.record_path(tmp := script.Path("o"), ("c", "norm_affine:guard_scales=0.5/1", "heldout", 0))
+    assert path.parent.name == "norm_affine:guard_scales=0.5_1__heldout" and path.parent.parent == tmp / "records" / "c"
