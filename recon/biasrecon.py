@@ -177,6 +177,9 @@ class BiasReconSettings:
         step_selection: which parameters the x-steps denoise with after each θ-step: "validation" (the best so far
             by one denoising of the fixed Θ_v input at the schedule's middle level, scored on Λ_v) or "last" (Adam's
             latest iterate, as the oracle does; the final guard alone then judges the fit).
+        validation_levels: noise levels of that validation loss (the mean over them): ``n`` levels geometric between
+            the schedule's ends at ``q = 1/(n+1) … n/(n+1)`` of the way (1: its middle), each input ``x_Θv`` plus its
+            own fixed noise draw. Costs ``n`` denoisings per θ-step.
     """
 
     num_steps: int = 60
@@ -211,6 +214,7 @@ class BiasReconSettings:
     acs_auto: bool = True
     heldout_weighting: str = "density"
     step_selection: str = "validation"
+    validation_levels: int = 1
 
     def __post_init__(self) -> None:
         for name in ("lam_grid", "guard_scales"):  # lists from YAML / the command line: tuples of floats
@@ -250,6 +254,9 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.prior_error must be a positive number, got {self.prior_error}")
         if self.heldout_weighting not in ("density", "none"):
             raise InputError(f"biasrecon.heldout_weighting must be 'density' or 'none', got {self.heldout_weighting!r}")
+        if isinstance(self.validation_levels, bool) or not isinstance(self.validation_levels, int) \
+                or self.validation_levels < 1:
+            raise InputError(f"biasrecon.validation_levels must be an integer >= 1, got {self.validation_levels!r}")
         if self.step_selection not in ("validation", "last"):
             raise InputError(f"biasrecon.step_selection must be 'validation' or 'last', got {self.step_selection!r}")
         if self.calib_iterate not in ("full", "theta"):
@@ -389,8 +396,8 @@ class _CalibratingPrior:
 class _Progress:
     """One tqdm bar over a whole run, in network evaluations, described by phase, sample ``j/K`` and level ``k/N``.
 
-    A calibration level costs ``2 + 3·theta_steps`` evaluations (the x-step's and the guard's denoisings, each
-    Adam step's forward and backward), a chain level one per copy of the batch, so the bar's estimate of the
+    A calibration level costs ``1 + validation_levels + 3·theta_steps`` evaluations (the x-step's and the
+    validation's denoisings, each Adam step's forward and backward), a chain level one per copy of the batch, so the bar's estimate of the
     time left weighs the phases by what they cost.
     """
 
@@ -618,14 +625,19 @@ class BiasRecon:
             self.val_op, self.val_y, self.val_lambda = self.op, self.y, None
         with torch.no_grad():  # a denoiser input from Θ_v alone, mid-schedule noise, fixed noise draw
             x_theta = _sense_start(self.val_op, self.val_y, self.s.cg_iters)
-        self.val_sigma = math.sqrt(self.sigmas[0] * self.sigmas[-1])
-        self.val_x = x_theta + self.val_sigma * complex_normal(tuple(x_theta.shape), vgen, device=self.device)
+        n = self.s.validation_levels  # geometric between the schedule's ends, at q = 1/(n+1) … n/(n+1)
+        self.val_sigmas = [math.sqrt(self.sigmas[0] * self.sigmas[-1])] if n == 1 else \
+            [self.sigmas[0] ** (1 - q) * self.sigmas[-1] ** q for q in ((i + 1) / (n + 1) for i in range(n))]
+        self.val_xs = [x_theta + s * complex_normal(tuple(x_theta.shape), vgen, device=self.device)
+                       for s in self.val_sigmas]
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
-        x_hat = self.prior.denoise(self.val_x, self.val_sigma)
-        x_dc = prox(self.val_op, self.val_y, x_hat, self.lam, self.s.cg_iters)
-        return float(self._loss(x_dc, self.val_lambda))
+        losses = []
+        for x, sigma in zip(self.val_xs, self.val_sigmas):
+            x_dc = prox(self.val_op, self.val_y, self.prior.denoise(x, sigma), self.lam, self.s.cg_iters)
+            losses.append(float(self._loss(x_dc, self.val_lambda)))
+        return sum(losses) / len(losses)
 
     def _loss(self, x: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
         """The calibration's loss of an estimate ``x`` ``(B, 1, H, W)``: the held-out k-space error on ``held``
@@ -808,7 +820,7 @@ class BiasRecon:
 
                 def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
                     level[0] += 1
-                    self._tick(f"calibrating: level {level[0]}/{self.adapt_steps}", 2 + 3 * self.s.theta_steps)
+                    self._tick(f"calibrating: level {level[0]}/{self.adapt_steps}", self._level_cost())
                     return prox(self.calib_op, self.calib_y, x_hat, self.lam, self.s.cg_iters)
 
                 self.x = self.sampler(_CalibratingPrior(self, callback), tuple(x_start.shape),
@@ -826,7 +838,11 @@ class BiasRecon:
         if not self.params or self.calibrated or self.calibration_skipped is not None:
             return 0
         chain = self.s.num_samples * len(self.sigmas) * self.s.guard_splits
-        return self.adapt_steps * (2 + 3 * self.s.theta_steps) + (len(self.s.guard_scales) + 1) * chain
+        return self.adapt_steps * self._level_cost() + (len(self.s.guard_scales) + 1) * chain
+
+    def _level_cost(self) -> int:
+        """Network evaluations of one calibration level: the x-step, the validation loss, the Adam steps."""
+        return 1 + self.s.validation_levels + 3 * self.s.theta_steps
 
     def run(self, progress: bool = False, callback: Callable[[dict], None] | None = None) -> BiasReconResult:
         """Calibrate (if asked), then the λ-step (if asked) or one x-step chain at the fixed λ."""

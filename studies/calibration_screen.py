@@ -52,6 +52,8 @@ CELLS = {
     "brain_knee_4x": Cell("brain_knee_4x", "source_brain", "stanford_knee", ("data.split=val",), 2),
     "brain_knee_8x": Cell("brain_knee_8x", "source_brain", "stanford_knee",
                           ("data.split=val", "acquisition.acceleration=8"), 2),
+    # tuning slices: the knee train split (P1-P4), which the brain prior never saw, for more than the 2 val slices
+    "tune_brain_knee_4x": Cell("tune_brain_knee_4x", "source_brain", "stanford_knee", ("data.split=train",), 4),
     "knee_colin_4x": Cell("knee_colin_4x", "stanford_knee", "colin27_t1", ("data.split=val",), 2),
     # the final table: the matrix's test slices (the first 6 of the test split), scored once
     "test_brain_knee_4x": Cell("test_brain_knee_4x", "source_brain", "stanford_knee", (), 6),

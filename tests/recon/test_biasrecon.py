@@ -156,6 +156,25 @@ def test_step_selection_denoises_with_the_best_so_far_or_adams_latest_iterate(se
     assert opt.val_loss_best <= opt.val_loss_zero  # the guard keeps a candidate only if its chain beats γ = 0's
 
 
+def test_validation_loss_is_the_mean_over_geometric_levels_around_the_schedules_middle():
+    """validation_levels n: σ_i = σ_start^(1−q) σ_end^q at q = i/(n+1); n = 1 is the middle level alone (as before),
+    and the loss is the mean of the one-level losses, each with its own fixed input."""
+    op, y, _, _ = _problem()
+    one = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**SETTINGS, adapt="gamma"))
+    three = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**SETTINGS, adapt="gamma", validation_levels=3))
+    a, b = one.sigmas[0], one.sigmas[-1]
+    assert one.val_sigmas == [math.sqrt(a * b)]
+    assert three.val_sigmas == pytest.approx([a ** 0.75 * b ** 0.25, math.sqrt(a * b), a ** 0.25 * b ** 0.75])
+    singles = []
+    for x, sigma in zip(three.val_xs, three.val_sigmas):
+        one.val_xs, one.val_sigmas = [x], [sigma]
+        singles.append(one._validation_loss())
+    assert three._validation_loss() == pytest.approx(sum(singles) / 3, rel=1e-6)
+    assert len(set(singles)) == 3  # three different levels
+    with pytest.raises(InputError, match="validation_levels"):
+        BiasReconSettings(validation_levels=0)
+
+
 def test_full_finetuning_leaves_the_prior_untouched_and_respects_the_guard():
     op, y, _, _ = _problem()
     prior = BlurDenoiser()
