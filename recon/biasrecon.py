@@ -664,8 +664,8 @@ class BiasRecon:
         loss_value = float("nan")
         with torch.enable_grad():
             for _ in range(self.s.theta_steps):
-                if self.reference is not None:
-                    theta_op, y_theta, lam_mask = self.op, self.y, None
+                if self.reference is not None:  # the oracle: its iterate's data (all of y unless a caller set less)
+                    theta_op, y_theta, lam_mask = self.calib_op, self.calib_y, None
                 elif self.calib_lambda is None:
                     theta, lam_mask = self._split(self.gen, self.val_theta)
                     theta_op, y_theta = theta_operator(self.op, theta), self.y * theta

@@ -2,7 +2,9 @@
 
 Each unit is one (cell, family, loss, slice): BiasRecon with ``calibration_family`` = the family and
 ``calib_loss`` = ``reference`` (the oracle: γ fitted to the clean reference, the family's bound) or ``heldout``
-(the method), everything else the matrix's settings (20 levels, 1 sample, SURE, the guard); ``unadapted`` is the
+(the method) — or ``oracle_theta``: the oracle's loss fed only the self-supervised run's calibration data
+``y_Θc`` (its iterate and θ-steps), which splits the gap between bound and method into what holding data out
+costs and what the held-out loss costs — everything else the matrix's settings (20 levels, 1 sample, SURE, the guard); ``unadapted`` is the
 prior as trained with SURE. One JSON record per unit under ``--out``; units already recorded are skipped and two
 processes share the list through claim files, so the study resumes and runs in parallel::
 
@@ -68,6 +70,7 @@ FAMILY_ROWS = {
     "freeu": ("freeu", 3), "residual_bands": ("residual_bands", 3), "sigma_in": ("sigma_in", 3),
     "sigma_residual": ("sigma_residual", 3), "finetune": ("full", 3),
 }
+LOSSES = ("oracle", "heldout", "oracle_theta")
 ORDER = ["bands", "sigma_in", "residual_bands", "conv_gain", "norm_affine", "freeu", "bands5", "sigma_residual"]
 
 
@@ -150,11 +153,22 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
         family, bands = FAMILY_ROWS[name]
         change = ({"adapt": "full", "lr": FINETUNE_LR} if family == "full" else
                   {"adapt": "gamma", "calibration_family": family}) | change
-        settings = dataclasses.replace(SETTINGS, **change, calib_loss="reference" if loss == "oracle" else "heldout")
+        settings = dataclasses.replace(SETTINGS, **change, calib_loss="heldout" if loss == "heldout" else "reference")
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
     start = time.perf_counter()
-    result = BiasRecon(data.prior(cell.prior), op, sample.kspace[None], settings, sampler=TweedieSampler(),
-                       calibration_bands=bands, reference=reference).run()
+    theta = None
+    if loss == "oracle_theta":  # the self-supervised run's calibration data y_Θc (its constructor draws the split)
+        twin = BiasRecon(data.prior(cell.prior), op, sample.kspace[None],
+                         dataclasses.replace(settings, calib_loss="heldout"), sampler=TweedieSampler(),
+                         calibration_bands=bands)
+        theta = (twin.calib_op, twin.calib_y)
+        if twin.calibration is not None:
+            twin.calibration.detach()
+    optimizer = BiasRecon(data.prior(cell.prior), op, sample.kspace[None], settings, sampler=TweedieSampler(),
+                          calibration_bands=bands, reference=reference)
+    if theta is not None:  # the oracle's loss on the self-supervised iterate: what the held-out split costs
+        optimizer.calib_op, optimizer.calib_y = theta
+    result = optimizer.run()
     scores = slice_scores(sample, result.image[0, 0])
     return {"cell": cell_name, "row": row, "loss": loss, "slice": s, "fname": sample.fname,
             "slice_idx": sample.slice_idx, "psnr": scores["reference"][0], "ssim": scores["reference"][1],
@@ -250,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ORDER),
                         help="families (FAMILY_ROWS), each optionally with its own Adam step and guard folds: "
                              "sigma_in@0.3, norm_affine+k3, norm_affine:split_ratio=0.25:step_selection=last")
-    parser.add_argument("--losses", default="oracle", help="oracle, heldout or both (comma list)")
+    parser.add_argument("--losses", default="oracle",
+                        help="oracle, heldout or oracle_theta (the oracle's loss with the self-supervised run's "
+                             "calibration iterate, built from y_Θc alone), comma list")
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
     parser.add_argument("--figure", type=Path, help="with --report: draw the bars of bound and result to this PNG")
@@ -258,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     cells, rows, losses = args.cells.split(","), args.rows.split(","), args.losses.split(",")
     bad = ([f"key '--cells': {c!r} is not one of {', '.join(CELLS)}" for c in cells if c not in CELLS]
            + [f"key '--rows': {r!r}: {problem}" for r in rows if (problem := row_problem(r))]
-           + [f"key '--losses': {v!r} is not oracle or heldout" for v in losses if v not in ("oracle", "heldout")])
+           + [f"key '--losses': {v!r} is not one of {', '.join(LOSSES)}" for v in losses if v not in LOSSES])
     if bad:
         print(f"calibration_screen: {bad[0]}.", file=sys.stderr)
         return 2
