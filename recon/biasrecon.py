@@ -180,6 +180,8 @@ class BiasReconSettings:
         validation_levels: noise levels of that validation loss (the mean over them): ``n`` levels geometric between
             the schedule's ends at ``q = 1/(n+1) … n/(n+1)`` of the way (1: its middle), each input ``x_Θv`` plus its
             own fixed noise draw. Costs ``n`` denoisings per θ-step.
+        lr_schedule: Adam's step over the calibration: "constant" (``lr``) or "cosine" (``lr`` decayed to 0 along
+            a half cosine over all the calibration's Adam steps).
     """
 
     num_steps: int = 60
@@ -215,6 +217,7 @@ class BiasReconSettings:
     heldout_weighting: str = "density"
     step_selection: str = "validation"
     validation_levels: int = 1
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("lam_grid", "guard_scales"):  # lists from YAML / the command line: tuples of floats
@@ -257,6 +260,8 @@ class BiasReconSettings:
         if isinstance(self.validation_levels, bool) or not isinstance(self.validation_levels, int) \
                 or self.validation_levels < 1:
             raise InputError(f"biasrecon.validation_levels must be an integer >= 1, got {self.validation_levels!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InputError(f"biasrecon.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.step_selection not in ("validation", "last"):
             raise InputError(f"biasrecon.step_selection must be 'validation' or 'last', got {self.step_selection!r}")
         if self.calib_iterate not in ("full", "theta"):
@@ -491,6 +496,7 @@ class BiasRecon:
         else:
             self.params = []
         self.optimizer = torch.optim.Adam(self.params, lr=settings.lr) if self.params else None
+        self._adam_steps = 0  # Adam updates so far (lr_schedule)
         self._initial = [p.detach().clone() for p in self.params]
         self._best = [p.detach().clone() for p in self.params]
         self._iterate = [p.detach().clone() for p in self.params]
@@ -675,6 +681,7 @@ class BiasRecon:
                 x_hat = self.prior.denoise(x.detach(), sigma)
                 x_dc = prox(theta_op, y_theta, x_hat, lam, self.s.cg_iters)
                 loss = self._loss(x_dc, lam_mask)
+                self._schedule_lr()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -689,6 +696,15 @@ class BiasRecon:
                 self.val_loss_best, self._best = val, [p.detach().clone() for p in self.params]
         self._set_params(self._best)
         return loss_value
+
+    def _schedule_lr(self) -> None:
+        """Set Adam's step for its next update (``lr_schedule``) and count the update."""
+        if self.s.lr_schedule == "cosine":
+            total = max(self.adapt_steps * self.s.theta_steps, 1)
+            lr = 0.5 * self.s.lr * (1 + math.cos(math.pi * min(self._adam_steps, total) / total))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self._adam_steps += 1
 
     def _calibration_step(self, x: torch.Tensor, sigma: float) -> dict:
         """The θ-step at the calibration iterate ``x`` (level ``sigma``) and its history record."""

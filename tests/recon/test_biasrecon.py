@@ -175,6 +175,28 @@ def test_validation_loss_is_the_mean_over_geometric_levels_around_the_schedules_
         BiasReconSettings(validation_levels=0)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_sets_adams_step_of_every_calibration_update(schedule):
+    """lr_schedule "cosine": update k of T = levels × θ-steps uses lr · (1 + cos(πk/T)) / 2; "constant": lr."""
+    op, y, _, _ = _problem()
+    opt = _optimizer(BlurDenoiser(), op, y, BiasReconSettings(**SETTINGS, adapt="gamma", lr_schedule=schedule))
+    steps, step = [], opt.optimizer.step
+
+    def record(*args, **kwargs):
+        steps.append(opt.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    opt.optimizer.step = record
+    opt.calibrate()
+    total = opt.adapt_steps * SETTINGS["theta_steps"]
+    lr = SETTINGS["lr"]
+    expected = [lr] * total if schedule == "constant" else \
+        [0.5 * lr * (1 + math.cos(math.pi * k / total)) for k in range(total)]
+    assert steps == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(InputError, match="lr_schedule"):
+        BiasReconSettings(lr_schedule="linear")
+
+
 def test_full_finetuning_leaves_the_prior_untouched_and_respects_the_guard():
     op, y, _, _ = _problem()
     prior = BlurDenoiser()
