@@ -32,6 +32,7 @@ import torch
 
 from recon.atomic import write_text
 from recon.biasrecon import BiasRecon, BiasReconSettings
+from recon.config import settings_from_dotlist
 from recon.errors import InputError
 from recon.data.sites import load_site, site_dataset
 from recon.methods import FINETUNE_LR, reference_stack, slice_scores
@@ -86,22 +87,10 @@ def row_settings(row: str) -> tuple[str, dict]:
         change["lr"] = float(lr)
     if folds:
         change["guard_splits"] = int(folds)
-    fields = {f.name: f for f in dataclasses.fields(BiasReconSettings)}
-    for pair in pairs:
+    for pair in pairs:  # read through the biasrecon schema (recon.config), a list's "a/b/c" as "[a,b,c]"
         key, _, value = pair.partition("=")
-        if key not in fields or not value:
-            raise ValueError(f"{pair!r} is not key=value with a biasrecon setting as key")
-        default = getattr(SETTINGS, key)
-        if isinstance(default, tuple):
-            change[key] = tuple(float(v) for v in value.split("/"))
-        elif isinstance(default, bool):
-            change[key] = value.lower() == "true"
-        elif isinstance(default, int):
-            change[key] = int(value)
-        elif isinstance(default, float):
-            change[key] = float(value)
-        else:
-            change[key] = value
+        item = f"{key}=[{value.replace('/', ',')}]" if "/" in value else pair
+        change[key] = getattr(settings_from_dotlist([item], where=f"row {row!r}"), key)
     return name, change
 
 
@@ -250,7 +239,7 @@ def row_problem(row: str) -> str | None:
         name, change = row_settings(row)
         dataclasses.replace(SETTINGS, **change)
     except (ValueError, InputError) as error:
-        return str(error)
+        return str(error).rstrip(".")
     if name not in FAMILY_ROWS:
         return f"{name!r} is not one of {', '.join(FAMILY_ROWS)} (optionally @lr, +kK and :key=value)"
     return None
