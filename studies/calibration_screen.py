@@ -4,7 +4,9 @@ Each unit is one (cell, family, loss, slice): BiasRecon with ``calibration_famil
 ``calib_loss`` = ``reference`` (the oracle: γ fitted to the clean reference, the family's bound) or ``heldout``
 (the method) — or ``oracle_theta``: the oracle's loss fed only the self-supervised run's calibration data
 ``y_Θc`` (its iterate and θ-steps), which splits the gap between bound and method into what holding data out
-costs and what the held-out loss costs — everything else the matrix's settings (20 levels, 1 sample, SURE, the guard); ``unadapted`` is the
+costs and what the held-out loss costs — or ``pooled`` / ``oracle_pooled``: one γ fitted by the method's (the oracle's)
+loss on a batch of all the cell's slices at once (the site's shift, as ``mode=site``), each slice then reconstructed
+with it fixed — everything else the matrix's settings (20 levels, 1 sample, SURE, the guard); ``unadapted`` is the
 prior as trained with SURE. One JSON record per unit under ``--out``; units already recorded are skipped and two
 processes share the list through claim files, so the study resumes and runs in parallel::
 
@@ -32,6 +34,7 @@ import torch
 
 from recon.atomic import write_text
 from recon.biasrecon import BiasRecon, BiasReconSettings
+from recon.adapt.families import CalibratedPrior, CalibrationShape
 from recon.config import settings_from_dotlist
 from recon.errors import InputError
 from recon.data.sites import load_site, site_dataset
@@ -71,7 +74,10 @@ FAMILY_ROWS = {
     "freeu": ("freeu", 3), "residual_bands": ("residual_bands", 3), "sigma_in": ("sigma_in", 3),
     "sigma_residual": ("sigma_residual", 3), "finetune": ("full", 3),
 }
-LOSSES = ("oracle", "heldout", "oracle_theta")
+LOSSES = ("oracle", "heldout", "oracle_theta", "pooled", "oracle_pooled")
+# pooled losses: one γ fitted on all the cell's slices at once (the site's shift, mode site), then each slice's
+# reconstruction with that γ fixed; the loss each pooled calibration runs
+POOLED = {"pooled": "heldout", "oracle_pooled": "reference"}
 ORDER = ["bands", "sigma_in", "residual_bands", "conv_gain", "norm_affine", "freeu", "bands5", "sigma_residual"]
 
 
@@ -130,19 +136,74 @@ class Data:
         return self.priors[name]
 
 
+def unit_settings(row: str, loss: str) -> tuple[BiasReconSettings, int]:
+    """A unit's settings and the bands of its calibration (3 unless the row's family says otherwise)."""
+    if row == "unadapted":
+        return dataclasses.replace(SETTINGS, adapt="none"), 3
+    name, change = row_settings(row)
+    family, bands = FAMILY_ROWS[name]
+    change = ({"adapt": "full", "lr": FINETUNE_LR} if family == "full" else
+              {"adapt": "gamma", "calibration_family": family}) | change
+    calib_loss = POOLED.get(loss, "heldout" if loss == "heldout" else "reference")
+    return dataclasses.replace(SETTINGS, **change, calib_loss=calib_loss), bands
+
+
+def pooled_gamma(data: Data, cell: Cell, row: str, loss: str) -> dict:
+    """The pooled γ of (cell, row, loss): BiasRecon's calibration (its θ-steps and guard) on a batch of all the
+    cell's slices, computed once and kept as ``gamma.pt`` beside the unit records (another process waits for it).
+    Returns ``{"gamma", "seconds", "val_loss_zero", "val_loss_best", "skipped"}``."""
+    path = record_path(data.out, (cell.name, row, loss, 0)).parent / "gamma.pt"
+    while not path.exists():
+        if not claim(path):
+            time.sleep(10)  # another process is calibrating it
+            continue
+        try:
+            settings, bands = unit_settings(row, loss)
+            if settings.adapt != "gamma":
+                raise InputError(f"row {row!r}: loss {loss!r} pools a γ, expected a calibration family")
+            samples = [data.sample(cell, s) for s in range(cell.slices)]
+            maps = torch.stack([data.maps(cell, s) for s in range(cell.slices)])
+            op = Sense(maps, torch.stack([s.mask for s in samples])[:, None])
+            reference = reference_stack(samples) if settings.calib_loss == "reference" else None
+            start = time.perf_counter()
+            optimizer = BiasRecon(data.prior(cell.prior), op, torch.stack([s.kspace for s in samples]), settings,
+                                  sampler=TweedieSampler(), calibration_bands=bands, reference=reference)
+            try:
+                optimizer.calibrate()
+            finally:
+                if optimizer.calibration is not None:
+                    optimizer.calibration.detach()
+            torch.save({"gamma": optimizer.calibration.gamma.detach().clone(), "seconds": time.perf_counter() - start,
+                        "val_loss_zero": optimizer.val_loss_zero, "val_loss_best": optimizer.val_loss_best,
+                        "skipped": optimizer.calibration_skipped}, path)
+        finally:
+            release(path)
+    return torch.load(path)
+
+
 def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
     cell_name, row, loss, s = unit
     cell = CELLS[cell_name]
     sample, maps = data.sample(cell, s), data.maps(cell, s)
     op = Sense(maps[None], sample.mask[None, None])
-    if row == "unadapted":
-        settings, bands = dataclasses.replace(SETTINGS, adapt="none"), 3
-    else:
-        name, change = row_settings(row)
-        family, bands = FAMILY_ROWS[name]
-        change = ({"adapt": "full", "lr": FINETUNE_LR} if family == "full" else
-                  {"adapt": "gamma", "calibration_family": family}) | change
-        settings = dataclasses.replace(SETTINGS, **change, calib_loss="heldout" if loss == "heldout" else "reference")
+    if loss in POOLED:  # the cell's pooled γ, fixed: this slice's reconstruction only
+        pooled = pooled_gamma(data, cell, row, loss)
+        settings, bands = unit_settings(row, loss)
+        shape = CalibrationShape(settings.calibration_family, bands=bands,
+                                 sigma_range=(settings.sigma_start, settings.sigma_end))
+        prior = CalibratedPrior(data.prior(cell.prior), pooled["gamma"], shape)
+        start = time.perf_counter()
+        result = BiasRecon(prior, op, sample.kspace[None], dataclasses.replace(settings, adapt="none"),
+                           sampler=TweedieSampler()).run()
+        scores = slice_scores(sample, result.image[0, 0])
+        return {"cell": cell_name, "row": row, "loss": loss, "slice": s, "fname": sample.fname,
+                "slice_idx": sample.slice_idx, "psnr": scores["reference"][0], "ssim": scores["reference"][1],
+                "seconds": time.perf_counter() - start + pooled["seconds"] / cell.slices,
+                "num_adapted": int(pooled["gamma"].numel()), "lam": result.lam, "misfit": result.misfit,
+                "skipped": pooled["skipped"], "val_loss_zero": pooled["val_loss_zero"],
+                "val_loss_best": pooled["val_loss_best"], "gamma": pooled["gamma"].flatten().tolist(),
+                "date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname()}
+    settings, bands = unit_settings(row, loss)
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
     start = time.perf_counter()
     theta = None
@@ -254,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="families (FAMILY_ROWS), each optionally with its own Adam step and guard folds: "
                              "sigma_in@0.3, norm_affine+k3, norm_affine:split_ratio=0.25:step_selection=last")
     parser.add_argument("--losses", default="oracle",
-                        help="oracle, heldout or oracle_theta (the oracle's loss with the self-supervised run's "
-                             "calibration iterate, built from y_Θc alone), comma list")
+                        help="oracle, heldout, oracle_theta (the oracle's loss with the self-supervised run's "
+                             "calibration iterate, built from y_Θc alone), pooled or oracle_pooled (one γ fitted on "
+                             "all the cell's slices at once), comma list")
     parser.add_argument("--prepare", action="store_true", help="simulate the val slices and estimate their maps")
     parser.add_argument("--report", action="store_true", help="print the tables from the records")
     parser.add_argument("--figure", type=Path, help="with --report: draw the bars of bound and result to this PNG")
