@@ -44,7 +44,8 @@ def test_shipped_sites_differ_from_the_source_as_documented():
     assert center.coils.radius != src.coils.radius and center.coils.rotation_deg != src.coils.rotation_deg
     assert center.noise.sigma >= 3 * src.noise.sigma
     assert center.acquisition.mask_type != src.acquisition.mask_type
-    assert (center.acquisition.mask_type, center.acquisition.center_fraction) == ("random_1d", 0.08)  # fastMRI's 4x
+    assert (center.acquisition.mask_type, center.acquisition.acceleration) == ("poisson_2d", 8.0)  # a 2-D protocol
+    assert center.prior == "stanford_knee"  # a prior from another centre and anatomy
     assert load_site("unseen_anatomy").anatomy.orientation != "axial"
     protocol = load_site("unseen_protocol")
     assert (protocol.acquisition.mask_type, protocol.acquisition.acceleration) == ("poisson_2d", 8.0)
