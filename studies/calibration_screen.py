@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import socket
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon.atomic import write_text
+from recon.atomic import write_bytes, write_text
 from recon.biasrecon import BiasRecon, BiasReconSettings
 from recon.adapt.families import CalibratedPrior, CalibrationShape
 from recon.config import settings_from_dotlist
@@ -157,6 +158,9 @@ def pooled_gamma(data: Data, cell: Cell, row: str, loss: str) -> dict:
         if not claim(path):
             time.sleep(10)  # another process is calibrating it
             continue
+        if path.exists():  # finished between the check and the claim
+            release(path)
+            break
         try:
             settings, bands = unit_settings(row, loss)
             if settings.adapt != "gamma":
@@ -173,9 +177,11 @@ def pooled_gamma(data: Data, cell: Cell, row: str, loss: str) -> dict:
             finally:
                 if optimizer.calibration is not None:
                     optimizer.calibration.detach()
+            buffer = io.BytesIO()  # written whole (temp file and rename): a waiting process never reads half of it
             torch.save({"gamma": optimizer.calibration.gamma.detach().clone(), "seconds": time.perf_counter() - start,
                         "val_loss_zero": optimizer.val_loss_zero, "val_loss_best": optimizer.val_loss_best,
-                        "skipped": optimizer.calibration_skipped}, path)
+                        "skipped": optimizer.calibration_skipped}, buffer)
+            write_bytes(path, buffer.getvalue())
         finally:
             release(path)
     return torch.load(path)
