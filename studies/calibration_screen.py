@@ -192,24 +192,14 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
     cell = CELLS[cell_name]
     sample, maps = data.sample(cell, s), data.maps(cell, s)
     op = Sense(maps[None], sample.mask[None, None])
+    settings, bands = unit_settings(row, loss)
+    prior, pooled = data.prior(cell.prior), None
     if loss in POOLED:  # the cell's pooled γ, fixed: this slice's reconstruction only
         pooled = pooled_gamma(data, cell, row, loss)
-        settings, bands = unit_settings(row, loss)
         shape = CalibrationShape(settings.calibration_family, bands=bands,
                                  sigma_range=(settings.sigma_start, settings.sigma_end))
-        prior = CalibratedPrior(data.prior(cell.prior), pooled["gamma"], shape)
-        start = time.perf_counter()
-        result = BiasRecon(prior, op, sample.kspace[None], dataclasses.replace(settings, adapt="none"),
-                           sampler=TweedieSampler()).run()
-        scores = slice_scores(sample, result.image[0, 0])
-        return {"cell": cell_name, "row": row, "loss": loss, "slice": s, "fname": sample.fname,
-                "slice_idx": sample.slice_idx, "psnr": scores["reference"][0], "ssim": scores["reference"][1],
-                "seconds": time.perf_counter() - start + pooled["seconds"] / cell.slices,
-                "num_adapted": int(pooled["gamma"].numel()), "lam": result.lam, "misfit": result.misfit,
-                "skipped": pooled["skipped"], "val_loss_zero": pooled["val_loss_zero"],
-                "val_loss_best": pooled["val_loss_best"], "gamma": pooled["gamma"].flatten().tolist(),
-                "date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname()}
-    settings, bands = unit_settings(row, loss)
+        prior = CalibratedPrior(prior, pooled["gamma"], shape)
+        settings = dataclasses.replace(settings, adapt="none")
     reference = reference_stack([sample]) if settings.calib_loss == "reference" and settings.adapt != "none" else None
     start = time.perf_counter()
     theta = None
@@ -220,19 +210,24 @@ def run(data: Data, unit: tuple[str, str, str, int]) -> dict:
         theta = (twin.calib_op, twin.calib_y)
         if twin.calibration is not None:
             twin.calibration.detach()
-    optimizer = BiasRecon(data.prior(cell.prior), op, sample.kspace[None], settings, sampler=TweedieSampler(),
+    optimizer = BiasRecon(prior, op, sample.kspace[None], settings, sampler=TweedieSampler(),
                           calibration_bands=bands, reference=reference)
     if theta is not None:  # the oracle's loss on the self-supervised iterate: what the held-out split costs
         optimizer.calib_op, optimizer.calib_y = theta
     result = optimizer.run()
     scores = slice_scores(sample, result.image[0, 0])
-    return {"cell": cell_name, "row": row, "loss": loss, "slice": s, "fname": sample.fname,
-            "slice_idx": sample.slice_idx, "psnr": scores["reference"][0], "ssim": scores["reference"][1],
-            "seconds": time.perf_counter() - start, "num_adapted": result.num_adapted, "lam": result.lam,
-            "misfit": result.misfit, "skipped": result.calibration_skipped,
-            "val_loss_zero": result.val_loss_zero, "val_loss_best": result.val_loss_best,
-            "gamma": None if result.gamma is None else result.gamma.flatten().tolist(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname()}
+    record = {"cell": cell_name, "row": row, "loss": loss, "slice": s, "fname": sample.fname,
+              "slice_idx": sample.slice_idx, "psnr": scores["reference"][0], "ssim": scores["reference"][1],
+              "seconds": time.perf_counter() - start, "num_adapted": result.num_adapted, "lam": result.lam,
+              "misfit": result.misfit, "skipped": result.calibration_skipped,
+              "val_loss_zero": result.val_loss_zero, "val_loss_best": result.val_loss_best,
+              "gamma": None if result.gamma is None else result.gamma.flatten().tolist(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "host": socket.gethostname()}
+    if pooled is not None:  # the calibration is the cell's: its γ, its guard, its seconds shared out over the slices
+        record.update(seconds=record["seconds"] + pooled["seconds"] / cell.slices, num_adapted=pooled["gamma"].numel(),
+                      skipped=pooled["skipped"], val_loss_zero=pooled["val_loss_zero"],
+                      val_loss_best=pooled["val_loss_best"], gamma=pooled["gamma"].flatten().tolist())
+    return record
 
 
 def report(out: Path, cells: list[str], rows: list[str], losses: list[str]) -> str:

@@ -57,54 +57,26 @@ def test_rows_name_a_family_and_any_biasrecon_setting():
 def test_pooled_units_share_one_gamma_calibrated_once_on_all_the_cells_slices(tmp_path, monkeypatch):
     """Loss ``pooled``: γ is fitted once, by BiasRecon's calibration on a batch of every slice of the cell (the
     site's shift), and each slice's record is its reconstruction with that same γ fixed."""
-    import math
-
-    import sigpy
-    import sigpy.mri
-    import torch
-    from torch import nn
-
     from recon.biasrecon import BiasReconSettings
     from recon.data.sample import Sample
+    from tests.recon.test_biasrecon import SETTINGS, BlurDenoiser, _problem  # a miscalibrated prior, a scan
 
     script = load_script("studies/calibration_screen.py")
-    h = w = 32
-    image = torch.from_numpy(abs(sigpy.shepp_logan((h, w)))).float()
-    maps = torch.from_numpy(sigpy.mri.birdcage_maps((4, h, w))).to(torch.complex64)
-
-    class Blur(nn.Module):  # a darkening, over-smoothing 'prior': two fixed 5x5 blurs with gain 0.8
-        def __init__(self) -> None:
-            super().__init__()
-            self.convs = nn.ModuleList([nn.Conv2d(2, 2, 5, padding=2, bias=False, groups=2) for _ in range(2)])
-            for conv in self.convs:
-                conv.weight.data[:] = 0.8 / 25
-                conv.weight.requires_grad_(False)
-
-        def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-            z = torch.cat([x.real, x.imag], dim=1)
-            for conv in self.convs:
-                z = conv(z)
-            return torch.complex(z[:, :1], z[:, 1:])
 
     class Tiny(script.Data):
         def sample(self, cell, index):
-            g = torch.Generator().manual_seed(index)
-            mask = (torch.rand(w, generator=g) < 0.4).float()
-            mask[w // 2 - 3: w // 2 + 3] = 1
-            mask = mask.expand(h, w).clone()
-            noise = 0.01 / math.sqrt(2) * torch.view_as_complex(torch.randn(4, h, w, 2, generator=g))
-            kspace = (mask * (torch.fft.fft2(maps * image, norm="ortho") + noise)).to(torch.complex64)
-            return Sample(kspace, mask, image, None, f"tiny{index}.h5", 0, "", None, 0.01, 1.0, image)
+            op, y, image, sigma = _problem(seed=index)
+            truth = image.abs()[0, 0]
+            return Sample(y[0], op.mask, truth, None, f"tiny{index}.h5", 0, "", None, sigma, 1.0, truth)
 
         def maps(self, cell, index):
-            return maps
+            return _problem(seed=index)[0].sens_maps[0]
 
         def prior(self, name):
-            return self.priors.setdefault(name, Blur())
+            return self.priors.setdefault(name, BlurDenoiser())
 
     monkeypatch.setitem(script.CELLS, "tiny", script.Cell("tiny", "blur", "none", (), 3))
-    monkeypatch.setattr(script, "SETTINGS", BiasReconSettings(num_steps=4, num_samples=1, sigma_start=0.3,
-                                                              sigma_end=0.01, cg_iters=4, acs_auto=False))
+    monkeypatch.setattr(script, "SETTINGS", BiasReconSettings(**SETTINGS))  # BiasRecon's tests' small schedule
     batches = []
     calibrate = script.BiasRecon.calibrate
     monkeypatch.setattr(script.BiasRecon, "calibrate",
