@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     cells, rows, losses = args.cells.split(","), args.rows.split(","), args.losses.split(",")
     bad = ([f"key '--cells': {c!r} is not one of {', '.join(CELLS)}" for c in cells if c not in CELLS]
            + [f"key '--rows': {r!r}: {problem}" for r in rows if (problem := row_problem(r))]
-           + [f"key '--losses': {v!r} is not one of {', '.join(LOSSES)}" for v in losses if v not in LOSSES])
+           + [f"key '--losses': {v!r} is not one of {', '.join(LOSSES)}" for v in losses if v not in LOSSES]
+           + [f"key '--rows': {r!r} fits every weight, but loss {v!r} pools a γ: expected a calibration family"
+              for r in rows for v in losses if v in POOLED and not row_problem(r) and row_settings(r)[0] == "finetune"])
     if bad:
         print(f"calibration_screen: {bad[0]}.", file=sys.stderr)
         return 2

@@ -37,7 +37,8 @@ def test_bad_cells_rows_and_losses_exit_2_naming_the_key(tmp_path, capsys):
     for argv, key in ((["--cells", "brain_knee_5x"], "'--cells'"), (["--rows", "magic"], "'--rows'"),
                       (["--rows", "norm_affine:magic=1"], "'magic=1'"),
                       (["--rows", "norm_affine:split_ratio=2"], "split_ratio must be in (0, 1)"),
-                      (["--losses", "reference"], "'--losses'")):
+                      (["--losses", "reference"], "'--losses'"),
+                      (["--rows", "finetune", "--losses", "oracle,pooled"], "'finetune' fits every weight")):
         assert script.main([*argv, "--out", str(tmp_path / "o")]) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
