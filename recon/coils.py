@@ -264,4 +264,7 @@ def rss(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torch.Tensor:
     Returns:
         Real magnitude image.
     """
-    return torch.linalg.vector_norm(x, ord=2, dim=dim, keepdim=keepdim)
+    # in double precision: a raw-scale image's squares overflow float32 above magnitudes of ~1e19
+    wide = x.to(torch.complex128 if x.is_complex() else torch.float64)
+    real = x.real.dtype if x.is_complex() else x.dtype
+    return torch.linalg.vector_norm(wide, ord=2, dim=dim, keepdim=keepdim).to(real)

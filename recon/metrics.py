@@ -60,6 +60,15 @@ def _fourth_root_limit(dtype: Any) -> float:
     return float(np.finfo(dtype).max) ** 0.25 / 4
 
 
+def _widened(gt: np.ndarray, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pair in float64 where a sum of the squares of a float32 volume could overflow (raw scanner scales,
+    magnitudes above ~1e15); as given otherwise (fastMRI's exact numbers in the input's own type)."""
+    limit = float(np.sqrt(np.finfo(gt.dtype).max / max(gt.size, 1))) if gt.dtype.kind == "f" else np.inf
+    if float(np.max(np.abs(gt))) < limit and float(np.max(np.abs(rec))) < limit:
+        return gt, rec
+    return gt.astype(np.float64), rec.astype(np.float64)
+
+
 def _check_range(x: np.ndarray, name: str, caller: str) -> None:
     """SSIM multiplies squared means (fourth powers), computed here in float64: refuse values for which
     they overflow even there (a NaN SSIM), magnitudes above about 3e76. Raw scanner scales (~1e13,
@@ -100,6 +109,7 @@ def nmse(target: Any, pred: Any) -> float:
     gt, rec = _pair(target, pred, "nmse")
     if not np.any(gt):
         raise InputError(f"nmse: target of shape {gt.shape} is all zeros, expected a non-zero target.")
+    gt, rec = _widened(gt, rec)
     return float(fastmri_evaluate.nmse(gt, rec))
 
 
@@ -122,6 +132,7 @@ def psnr(target: Any, pred: Any, maxval: float | None = None) -> float:
     value = _maxval(gt, maxval, "psnr")
     if np.array_equal(gt, rec):
         return float("inf")
+    gt, rec = _widened(gt, rec)
     return float(fastmri_evaluate.psnr(gt, rec, maxval=value))
 
 

@@ -93,3 +93,11 @@ def test_rss_matches_numpy(dim):
     real = x.real.double()
     np.testing.assert_allclose(rss(real, dim=dim).numpy(), np.sqrt(np.sum(real.numpy() ** 2, axis=dim)), rtol=1e-12)
     assert rss(x, dim=dim, keepdim=True).shape == tuple(1 if i == dim % 4 else s for i, s in enumerate(x.shape))
+
+
+def test_rss_of_a_raw_scale_image_does_not_overflow():
+    # a scanner's raw scale: finite float32 coil images whose squares are not
+    x = torch.full((8, 4, 4), 3e22 + 4e22j, dtype=torch.complex64)
+    result = rss(x, dim=0)
+    assert result.dtype == torch.float32
+    np.testing.assert_allclose(result.numpy(), np.full((4, 4), 5e22 * np.sqrt(8)), rtol=1e-6)

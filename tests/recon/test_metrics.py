@@ -115,3 +115,22 @@ def test_ssim_refuses_a_finite_target_whose_squares_overflow():
         ssim(huge, huge)
     with pytest.raises(InputError, match="target"):
         evaluate(huge, target.astype(np.float64))
+
+
+def test_psnr_and_nmse_are_scale_invariant_at_raw_scanner_scales():
+    """float32 volumes at a raw scale whose squares overflow float32 (1e20, 3e37) keep the PSNR and NMSE of the
+    rescaled images (fastMRI's float32 formulas give -inf / nan there)."""
+    import numpy as np
+    import pytest
+
+    from recon.metrics import nmse, psnr
+
+    rng = np.random.default_rng(1)
+    target = rng.random((2, 16, 16)).astype(np.float32)
+    pred = target + 0.05 * rng.random((2, 16, 16)).astype(np.float32)
+    base_psnr, base_nmse = psnr(target, pred), nmse(target, pred)
+    for scale in (1e8, 1e13, 1e20, 3e37):
+        scaled_target, scaled_pred = target * np.float32(scale), pred * np.float32(scale)
+        assert np.isfinite(scaled_target).all() and np.isfinite(scaled_pred).all()
+        assert psnr(scaled_target, scaled_pred) == pytest.approx(base_psnr, rel=1e-5)
+        assert nmse(scaled_target, scaled_pred) == pytest.approx(base_nmse, rel=1e-4)
