@@ -62,6 +62,8 @@ CELLS = {
     # tuning slices: the knee train split (P1-P4), which the brain prior never saw, for more than the 2 val slices
     "tune_brain_knee_4x": Cell("tune_brain_knee_4x", "source_brain", "stanford_knee", ("data.split=train",), 4),
     "knee_colin_4x": Cell("knee_colin_4x", "stanford_knee", "colin27_t1", ("data.split=val",), 2),
+    # the real shift of the real-anatomy matrix (knee prior -> Colin 27, headroom 1.85 dB): all 4 val slices
+    "val4_knee_colin_4x": Cell("val4_knee_colin_4x", "stanford_knee", "colin27_t1", ("data.split=val",), 4),
     # the final table: the matrix's test slices (the first 6 of the test split), scored once
     "test_brain_knee_4x": Cell("test_brain_knee_4x", "source_brain", "stanford_knee", (), 6),
     "test_brain_knee_8x": Cell("test_brain_knee_8x", "source_brain", "stanford_knee",
