@@ -60,11 +60,15 @@ def _fourth_root_limit(dtype: Any) -> float:
     return float(np.finfo(dtype).max) ** 0.25 / 4
 
 
-def _widened(gt: np.ndarray, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The pair in float64 where a sum of the squares of a float32 volume could overflow (raw scanner scales,
-    magnitudes above ~1e15); as given otherwise (fastMRI's exact numbers in the input's own type)."""
-    limit = float(np.sqrt(np.finfo(gt.dtype).max / max(gt.size, 1))) if gt.dtype.kind == "f" else np.inf
-    if float(np.max(np.abs(gt))) < limit and float(np.max(np.abs(rec))) < limit:
+def _square_root_limit(x: np.ndarray) -> float:
+    """Largest magnitude whose square, summed over every pixel of ``x``, its float type holds."""
+    return float(np.sqrt(np.finfo(x.dtype).max / x.size))
+
+
+def _widened(gt: np.ndarray, rec: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pair in float64 where the target reaches ``limit`` (raw scanner scales, whose powers overflow
+    float32 but not float64); as given otherwise (fastMRI's exact numbers in the input's own type)."""
+    if float(np.max(np.abs(gt))) < limit:
         return gt, rec
     return gt.astype(np.float64), rec.astype(np.float64)
 
@@ -109,7 +113,7 @@ def nmse(target: Any, pred: Any) -> float:
     gt, rec = _pair(target, pred, "nmse")
     if not np.any(gt):
         raise InputError(f"nmse: target of shape {gt.shape} is all zeros, expected a non-zero target.")
-    gt, rec = _widened(gt, rec)
+    gt, rec = _widened(gt, rec, _square_root_limit(gt))
     return float(fastmri_evaluate.nmse(gt, rec))
 
 
@@ -132,7 +136,7 @@ def psnr(target: Any, pred: Any, maxval: float | None = None) -> float:
     value = _maxval(gt, maxval, "psnr")
     if np.array_equal(gt, rec):
         return float("inf")
-    gt, rec = _widened(gt, rec)
+    gt, rec = _widened(gt, rec, _square_root_limit(gt))
     return float(fastmri_evaluate.psnr(gt, rec, maxval=value))
 
 
@@ -161,10 +165,7 @@ def ssim(target: Any, pred: Any, maxval: float | None = None) -> float:
             f"ssim: target of shape {gt.shape} is too small, expected H and W of at least {_SSIM_WINDOW}."
         )
     value = _maxval(gt, maxval, "ssim")
-    if not float(np.max(np.abs(gt))) < _fourth_root_limit(gt.dtype):
-        # raw scanner scales (~1e13): fourth powers overflow float32, not float64 (fastMRI's exact
-        # numbers in the input's own type otherwise)
-        gt, rec = gt.astype(np.float64), rec.astype(np.float64)
+    gt, rec = _widened(gt, rec, _fourth_root_limit(gt.dtype))  # raw scanner scales (~1e13): fourth powers
     _check_range(gt, "target", "ssim")
     return float(fastmri_evaluate.ssim(gt, rec, maxval=value)[0])
 

@@ -151,6 +151,14 @@ def unit_settings(row: str, loss: str) -> tuple[BiasReconSettings, int]:
     return dataclasses.replace(SETTINGS, **change, calib_loss=calib_loss), bands
 
 
+def pooled_problem(row: str, loss: str) -> str | None:
+    """Why (row, loss) cannot run, if the loss pools a γ and the row calibrates no γ (full fine-tuning, none)."""
+    adapt = unit_settings(row, loss)[0].adapt
+    if loss in POOLED and adapt != "gamma":
+        return f"{row!r} has adapt={adapt!r}, but loss {loss!r} pools a γ: expected a calibration family"
+    return None
+
+
 def pooled_gamma(data: Data, cell: Cell, row: str, loss: str) -> dict:
     """The pooled γ of (cell, row, loss): BiasRecon's calibration (its θ-steps and guard) on a batch of all the
     cell's slices, computed once and kept as ``gamma.pt`` beside the unit records (another process waits for it).
@@ -164,9 +172,9 @@ def pooled_gamma(data: Data, cell: Cell, row: str, loss: str) -> dict:
             release(path)
             break
         try:
+            if problem := pooled_problem(row, loss):
+                raise InputError(f"row {problem}")
             settings, bands = unit_settings(row, loss)
-            if settings.adapt != "gamma":
-                raise InputError(f"row {row!r}: loss {loss!r} pools a γ, expected a calibration family")
             samples = [data.sample(cell, s) for s in range(cell.slices)]
             maps = torch.stack([data.maps(cell, s) for s in range(cell.slices)])
             op = Sense(maps, torch.stack([s.mask for s in samples])[:, None])
@@ -329,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = ([f"key '--cells': {c!r} is not one of {', '.join(CELLS)}" for c in cells if c not in CELLS]
            + [f"key '--rows': {r!r}: {problem}" for r in rows if (problem := row_problem(r))]
            + [f"key '--losses': {v!r} is not one of {', '.join(LOSSES)}" for v in losses if v not in LOSSES]
-           + [f"key '--rows': {r!r} fits every weight, but loss {v!r} pools a γ: expected a calibration family"
-              for r in rows for v in losses if v in POOLED and not row_problem(r) and row_settings(r)[0] == "finetune"])
+           + [f"key '--rows': {problem}" for r in rows if not row_problem(r)
+              for v in losses if v in POOLED and (problem := pooled_problem(r, v))])
     if bad:
         print(f"calibration_screen: {bad[0]}.", file=sys.stderr)
         return 2

@@ -38,7 +38,8 @@ def test_bad_cells_rows_and_losses_exit_2_naming_the_key(tmp_path, capsys):
                       (["--rows", "norm_affine:magic=1"], "'magic=1'"),
                       (["--rows", "norm_affine:split_ratio=2"], "split_ratio must be in (0, 1)"),
                       (["--losses", "reference"], "'--losses'"),
-                      (["--rows", "finetune", "--losses", "oracle,pooled"], "'finetune' fits every weight")):
+                      (["--rows", "finetune", "--losses", "oracle,pooled"], "'finetune' has adapt='full'"),
+                      (["--rows", "norm_affine:adapt=none", "--losses", "pooled"], "adapt='none'")):
         assert script.main([*argv, "--out", str(tmp_path / "o")]) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
