@@ -44,6 +44,17 @@ def _central_columns(height: int, width: int, fraction: float) -> torch.Tensor:
     return box
 
 
+def _radius(shape: tuple[int, int], columns: bool) -> torch.Tensor:
+    """Distance of each unit from the k-space centre: ``|k_x|/(W/2)`` per column ``(W,)``, or
+    ``√((k_y/(H/2))² + (k_x/(W/2))²)`` per entry, flattened ``(H·W,)``; float64."""
+    height, width = shape
+    kx = (torch.arange(width, dtype=torch.float64) - width // 2).abs() / (width / 2)
+    if columns:
+        return kx
+    ky = (torch.arange(height, dtype=torch.float64) - height // 2).abs() / (height / 2)
+    return torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).flatten()
+
+
 def acs_mask(shape: tuple[int, int], acs: float, columns: bool) -> torch.Tensor:
     """The auto-calibration region as a 0/1 mask.
 
@@ -64,13 +75,18 @@ def split_mask(
     ratio: float = 0.4,
     acs: float | torch.Tensor = 0.08,
     columns: bool | None = None,
+    stratified: bool = False,
 ) -> KSpaceSplit:
     """Random split of the sampled entries into Θ (kept) and Λ (held out), ACS kept in Θ.
 
     Maths: of the ``n`` sampled entries (columns, for row-constant masks) that do not touch the
-    ACS region, ``clip(round(ratio · n), 1, n')`` chosen uniformly at random (``torch.randperm``
+    ACS region, ``m = clip(round(ratio · n), 1, n')`` chosen uniformly at random (``torch.randperm``
     with ``generator``) form ``Λ``; ``Θ = Ω \\ Λ``. ``n' = n`` if ``Θ`` keeps some ACS entry, else
-    ``n − 1``, so neither part is empty. ``Θ + Λ = M``.
+    ``n − 1``, so neither part is empty. ``Θ + Λ = M``. ``stratified``: the ``n`` units sorted by their
+    distance from the k-space centre (``|k_x|/(W/2)`` for columns, ``√((k_y/(H/2))² + (k_x/(W/2))²)`` for
+    entries; ties in random order) are cut into ``m`` consecutive strata of (almost) equal count, and ``Λ``
+    takes one unit drawn uniformly from each, so ``Λ`` spans the distances the mask samples (a plain draw
+    of a few columns can miss the band just outside the ACS, where most of the error lies).
     Shape: ``mask`` ``(H, W)`` of 0/1 (float or bool); returns two ``(H, W)`` masks of
     ``mask``'s float dtype (float32 for bool) on its device.
 
@@ -83,6 +99,7 @@ def split_mask(
             box of :func:`recon.masks.center_box` otherwise) or an ``(H, W)`` 0/1 mask.
         columns: Split whole columns, so that both parts stay row-constant; default: when
             ``mask`` is constant along ``H`` (1-D Cartesian undersampling).
+        stratified: Draw ``Λ`` stratified by the distance from the k-space centre (above).
 
     Returns:
         The :class:`KSpaceSplit` ``(theta, lam)``.
@@ -130,6 +147,11 @@ def split_mask(
         )
     count = min(max(1, round(ratio * n)), most)
     order = torch.randperm(n, generator=generator, device=generator.device).to(candidates.device)
+    if stratified:
+        order = order[torch.sort(_radius(shape, bool(columns)).to(candidates.device)[candidates[order]], stable=True).indices]
+        edges = torch.div(torch.arange(count + 1) * n, count, rounding_mode="floor")
+        draw = torch.rand(count, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+        order = order[(edges[:-1] + (draw * (edges[1:] - edges[:-1])).long()).to(order.device)]
     held = torch.zeros_like(units)
     held[candidates[order[:count]]] = True
     lam = held.expand(shape) if columns else held.view(shape)
@@ -198,14 +220,13 @@ def density_weights(mask: torch.Tensor, acs: float | torch.Tensor, min_count: in
         acs_region = acs.detach().cpu() != 0
     else:
         acs_region = acs_mask((height, width), acs, row_constant) != 0
-    kx = (torch.arange(width, dtype=torch.float64) - width // 2).abs() / (width / 2)
+    u = _radius((height, width), row_constant)
     if row_constant:  # 1-D: units are columns
         candidate = ~acs_region.any(dim=0)
-        taken, u = sampled[0] & candidate, kx
+        taken = sampled[0] & candidate
     else:
-        ky = (torch.arange(height, dtype=torch.float64) - height // 2).abs() / (height / 2)
         candidate = ~acs_region
-        taken, u = sampled & candidate, torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+        taken, u = sampled & candidate, u.view(height, width)
     n = int(taken.sum())
     bins = min(max(n // min_count, 1), max_bins)
     if bins == 1:

@@ -6,7 +6,7 @@ import sigpy.mri
 import torch
 from torch import nn
 
-from recon.adapt import FrequencyCalibration, density_weights, detect_acs, heldout_loss, split_mask, theta_operator
+from recon.adapt import FrequencyCalibration, acs_mask, density_weights, detect_acs, heldout_loss, split_mask, theta_operator
 from recon.dc import prox
 from recon.errors import InputError
 from recon.masks import center_box, make_mask
@@ -291,6 +291,53 @@ def test_fitting_gamma_on_the_heldout_loss_lowers_heldout_and_true_error():
     assert all(p.grad is None for p in net.parameters())
     calib.detach()
     assert np.isclose(scores()[0], loss0)
+
+
+def _one_per_stratum(radius: torch.Tensor, units: torch.Tensor, held: torch.Tensor) -> bool:
+    """Whether ``held`` takes one unit from each stratum, by hand: the sampled free units' distances sorted and cut
+    into ``m = |held|`` consecutive groups (floor(j n / m) boundaries); the j-th nearest held-out unit must lie in
+    group j's distance range (ranges, not unit sets: equal distances may fall either side of a boundary)."""
+    r = torch.sort(radius[units]).values
+    h = torch.sort(radius[held]).values
+    n, m = r.numel(), h.numel()
+    return all(r[j * n // m] <= h[j] <= r[(j + 1) * n // m - 1] for j in range(m))
+
+
+@pytest.mark.parametrize("kind", ["random_1d", "poisson_2d"])
+def test_stratified_split_holds_out_one_unit_per_distance_stratum(kind):
+    """Stratified Λ: a partition of Ω like the plain draw, with the same count, and exactly one held-out unit (column
+    or entry) in each stratum of the distance from the k-space centre; so the held-out unit nearest the centre is
+    always among the nearest n/m sampled units, which a plain draw of a few columns misses for some seeds."""
+    shape = (40, 96)
+    mask, _ = make_mask(kind, shape, 4.0, 0.08, seed=2)
+    columns = kind == "random_1d"
+    acs = 0.08
+    acs_region = (acs_mask(shape, acs, columns) != 0)
+    kx = (torch.arange(96, dtype=torch.float64) - 48).abs() / 48
+    ky = (torch.arange(40, dtype=torch.float64) - 20).abs() / 20
+    if columns:
+        radius, units = kx, (mask[0] != 0) & ~acs_region.any(0)
+    else:
+        radius, units = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).flatten(), ((mask != 0) & ~acs_region).flatten()
+    missed = 0
+    for seed in range(20):
+        theta, lam = split_mask(mask, generator=_gen(seed), ratio=0.4, acs=acs, stratified=True)
+        plain = split_mask(mask, generator=_gen(seed), ratio=0.4, acs=acs)
+        assert torch.equal(theta + lam, mask) and not bool((theta * lam).any())
+        held = (lam[0] if columns else lam.flatten()) != 0
+        count = int(held.sum())
+        assert count == int(((plain.lam[0] if columns else plain.lam.flatten()) != 0).sum())
+        assert _one_per_stratum(radius, units, held)
+        plain_held = (plain.lam[0] if columns else plain.lam.flatten()) != 0
+        nearest = torch.sort(radius[units]).values[units.sum() // count - 1]
+        assert radius[held].min() <= nearest
+        missed += bool(radius[plain_held].min() > nearest)
+    if columns:  # the plain draw of 7 of 18 columns leaves the nearest stratum empty for some seeds
+        assert missed > 0
+    # seeded and random within the strata
+    again = split_mask(mask, generator=_gen(3), ratio=0.4, acs=acs, stratified=True).lam
+    assert torch.equal(again, split_mask(mask, generator=_gen(3), ratio=0.4, acs=acs, stratified=True).lam)
+    assert not torch.equal(again, split_mask(mask, generator=_gen(4), ratio=0.4, acs=acs, stratified=True).lam)
 
 
 def test_split_folds_deal_the_heldout_set_into_disjoint_folds():
