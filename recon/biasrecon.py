@@ -126,6 +126,19 @@ class BiasReconSettings:
         theta_steps: Adam steps per θ-step; adapt_fraction: share of the schedule with θ-steps;
             lr: Adam's learning rate; split_ratio: share of the sampled non-ACS k-space held out;
             acs_fraction: centre kept in Θ.
+        calibrate_below: the calibration acts at noise levels ``σ ≤ calibrate_below`` only (the normalised image
+            scale); above it the denoiser is the prior as trained and no θ-step runs (None: every level). The coarse
+            content of the image (its low frequencies) forms at the high levels, where the self-supervised loss is
+            blind: a 1-D mask often samples no column just outside its fully sampled centre, and there a calibrated
+            prior's error grew 20–50 % on the slices it failed (``studies/heldout_blind_spot.py``). Measured on val
+            slices (``docs/results/calibration_study.md``), 0.1 against every level: knee prior → Colin 27 +0.44 /
+            +0.13 dB (4× / 8×) against +0.09 / −0.20; brain prior → knees +1.17 / +2.03 against +1.37 / +1.34;
+            the θ-steps of the levels above it are skipped (25–45 % less time).
+        split_sampling: how every held-out set (the calibration's and the guard's) is drawn: "random" (uniformly)
+            or "stratified" by the distance from the k-space centre (:func:`recon.adapt.selfsup.split_mask`), so
+            that it spans the frequencies the mask samples. Measured on the knee prior → Colin 27 (4×, val): the
+            random Λ_v of one slice had no column below |k_x| = 21 while the calibrated prior's error grew at
+            |k_x| < 21 (61 % of the error); the guard kept it and the image lost 0.37 dB.
         lam: λ of the prox (the fixed λ when ``sure=False``, and during calibration) with ``lam_rule="fixed"``.
         lam_rule: the λ of the chain's data consistency: "fixed" (``lam``) or "noise" — the MAP weight of a
             measurement of noise σ against a prior estimate of error ``prior_error`` per complex pixel,
@@ -197,6 +210,8 @@ class BiasReconSettings:
     adapt_fraction: float = 0.7
     lr: float = 5e-2
     split_ratio: float = 0.4
+    split_sampling: str = "random"
+    calibrate_below: float | None = 0.1
     acs_fraction: float = 0.08
     lam: float = 0.1
     lam_rule: str = "fixed"
@@ -243,6 +258,10 @@ class BiasReconSettings:
             raise InputError(f"biasrecon.lora_rank must be an integer >= 1, got {self.lora_rank!r}")
         if not 0 < self.split_ratio < 1:
             raise InputError(f"biasrecon.split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.calibrate_below is not None and not (self.calibrate_below > 0 and math.isfinite(self.calibrate_below)):
+            raise InputError(f"biasrecon.calibrate_below must be null or a positive number, got {self.calibrate_below}")
+        if self.split_sampling not in ("random", "stratified"):
+            raise InputError(f"biasrecon.split_sampling must be 'random' or 'stratified', got {self.split_sampling!r}")
         if self.misfit_limit is not None and not (self.misfit_limit > 0 and math.isfinite(self.misfit_limit)):
             raise InputError(f"biasrecon.misfit_limit must be null or a positive number, got {self.misfit_limit}")
         if isinstance(self.guard_splits, bool) or not isinstance(self.guard_splits, int) or self.guard_splits < 1:
@@ -383,6 +402,23 @@ class SureChain:
         return prox(self.pair, self.ys, self.x_hat, lam, self.cg_iters)
 
 
+class _LevelGate:
+    """The calibrating optimizer's denoiser where γ acts at some levels only (``calibrate_below``): the calibrated
+    ``D_γ`` at ``σ ≤ below``, above it the prior as trained (hooks off for the call)."""
+
+    def __init__(self, calibration: nn.Module) -> None:
+        self.calibration = calibration
+
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        if self.calibration.acts_at(sigma):
+            return self.calibration.denoise(x, sigma)
+        self.calibration.detach()
+        try:
+            return self.calibration.module.denoise(x, sigma)
+        finally:
+            self.calibration.attach()
+
+
 class _CalibratingPrior:
     """The prior as the calibration's sampler sees it: a θ-step before each denoising, then the
     denoising with the kept parameters (so the θ-steps ride along the sampler's own loop)."""
@@ -391,9 +427,10 @@ class _CalibratingPrior:
         self.optimizer, self.callback = optimizer, callback
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        record = self.optimizer._calibration_step(x, sigma)
-        if self.callback is not None:
-            self.callback(record)
+        if self.optimizer._acts_at(sigma):  # no θ-step (and no history record) where γ does not act
+            record = self.optimizer._calibration_step(x, sigma)
+            if self.callback is not None:
+                self.callback(record)
         return self.optimizer.prior.denoise(x, sigma)
 
 
@@ -475,11 +512,22 @@ class BiasRecon:
         self.prior, self.calibration = prior, None
         if settings.adapt != "none" and not isinstance(prior, nn.Module):
             raise InputError(f"biasrecon.adapt={settings.adapt!r} needs the prior to be a torch nn.Module")
+        if settings.adapt == "gamma" and settings.calibrate_below is not None:
+            levels = self.sigmas[: math.ceil(settings.adapt_fraction * len(self.sigmas))]
+            if levels and not any(s <= settings.calibrate_below for s in levels):
+                raise InputError(
+                    f"biasrecon.calibrate_below={settings.calibrate_below:g} leaves no level to calibrate: the first "
+                    f"adapt_fraction={settings.adapt_fraction:g} of the {len(self.sigmas)} levels end at sigma "
+                    f"{levels[-1]:.3g}; expected one at or below it (raise num_steps or adapt_fraction, or set "
+                    f"calibrate_below >= {levels[-1]:.3g}, or null for every level).")
         if settings.adapt == "gamma":
             self.calibration = make_calibration(settings.calibration_family, prior,
                                                 sigma_range=(settings.sigma_start, settings.sigma_end),
-                                                layers=calibration_layers, bands=calibration_bands).attach()
+                                                layers=calibration_layers, bands=calibration_bands,
+                                                below=settings.calibrate_below).attach()
             self.prior = self.calibration  # D_γ: the hooks, and the family's own change of the denoiser
+            if settings.calibrate_below is not None:
+                self.prior = _LevelGate(self.calibration)
             self.params = [self.calibration.gamma]
         elif settings.adapt == "full":
             self.prior = copy.deepcopy(prior)
@@ -574,7 +622,8 @@ class BiasRecon:
         mask = self.op.mask if mask is None else mask
 
         def one(m: torch.Tensor) -> KSpaceSplit:
-            return split_mask(m, generator=generator, ratio=self.s.split_ratio, acs=self._acs(m))
+            return split_mask(m, generator=generator, ratio=self.s.split_ratio, acs=self._acs(m),
+                              stratified=self.s.split_sampling == "stratified")
 
         splits = [one(m) for m in self._scan_masks(mask)]
         if len(splits) == 1:
@@ -666,6 +715,8 @@ class BiasRecon:
     def theta_step(self, x: torch.Tensor, sigma: float) -> float:
         """A few Adam steps on the calibration parameters, denoising the iterate ``x`` at level ``sigma``;
         the last loss. Leaves the best parameters so far in place (the x-step denoises with them)."""
+        if not self._acts_at(sigma):
+            return float("nan")  # γ does not act at this level (calibrate_below): nothing to fit
         self._set_params(self._iterate)  # Adam continues from its own iterate, not from the kept best
         loss_value = float("nan")
         with torch.enable_grad():
@@ -700,7 +751,7 @@ class BiasRecon:
     def _schedule_lr(self) -> None:
         """Set Adam's step for its next update (``lr_schedule``) and count the update."""
         if self.s.lr_schedule == "cosine":
-            total = max(self.adapt_steps * self.s.theta_steps, 1)
+            total = max(self._fitted_levels() * self.s.theta_steps, 1)
             lr = 0.5 * self.s.lr * (1 + math.cos(math.pi * min(self._adam_steps, total) / total))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -836,7 +887,8 @@ class BiasRecon:
 
                 def dc(x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
                     level[0] += 1
-                    self._tick(f"calibrating: level {level[0]}/{self.adapt_steps}", self._level_cost())
+                    self._tick(f"calibrating: level {level[0]}/{self.adapt_steps}",
+                               self._level_cost() if self._acts_at(sigma) else 1)
                     return prox(self.calib_op, self.calib_y, x_hat, self.lam, self.s.cg_iters)
 
                 self.x = self.sampler(_CalibratingPrior(self, callback), tuple(x_start.shape),
@@ -854,7 +906,16 @@ class BiasRecon:
         if not self.params or self.calibrated or self.calibration_skipped is not None:
             return 0
         chain = self.s.num_samples * len(self.sigmas) * self.s.guard_splits
-        return self.adapt_steps * self._level_cost() + (len(self.s.guard_scales) + 1) * chain
+        fitted = self._fitted_levels()
+        return fitted * self._level_cost() + (self.adapt_steps - fitted) + (len(self.s.guard_scales) + 1) * chain
+
+    def _acts_at(self, sigma: float) -> bool:
+        """Whether the calibration acts (and a θ-step runs) at level ``sigma`` (``calibrate_below``)."""
+        return self.calibration is None or getattr(self.calibration, "acts_at", lambda _: True)(sigma)
+
+    def _fitted_levels(self) -> int:
+        """The calibration levels with θ-steps: the first ``adapt_steps`` levels where the calibration acts."""
+        return sum(self._acts_at(s) for s in self.sigmas[: self.adapt_steps])
 
     def _level_cost(self) -> int:
         """Network evaluations of one calibration level: the x-step, the validation loss, the Adam steps."""

@@ -292,7 +292,7 @@ def _calibration_shape(spec: RunSpec, settings: BiasReconSettings | None = None)
     families' blocks)."""
     settings = method_settings(spec.config, "biasrecon") if settings is None else settings
     return CalibrationShape(settings.calibration_family, spec.config.calibration.layers, spec.config.calibration.bands,
-                            sigma_range=(settings.sigma_start, settings.sigma_end))
+                            sigma_range=(settings.sigma_start, settings.sigma_end), below=settings.calibrate_below)
 
 
 def _check_profile_path(spec: RunSpec, gamma_methods: list[str], inputs: list[Path]) -> bool:

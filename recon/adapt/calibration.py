@@ -231,6 +231,7 @@ class Calibration(nn.Module):
         self.__dict__["_module"] = module  # a reference, not a registered submodule
         self.__dict__["_handles"] = []
         self.gamma = nn.Parameter(torch.zeros(*shape))
+        self.below: float | None = None  # the noise levels γ acts at: σ ≤ below (None: every level)
         self._outer_attached = False
         check_count(self.family, self.gamma.numel())
 
@@ -285,6 +286,13 @@ class Calibration(nn.Module):
 
     def _load_gamma(self, gamma: torch.Tensor, source: str) -> None:
         load_gamma(self.gamma, gamma, source)
+
+    def acts_at(self, sigma: float | torch.Tensor) -> bool:
+        """Whether γ acts at noise level ``sigma`` (``σ ≤ below``; always when ``below`` is None); a tensor's
+        first value decides."""
+        if self.below is None:
+            return True
+        return (float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)) <= self.below
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """``D_γ(x, s)``: the module's denoiser with the hooks (attach first) and the family's own changes."""

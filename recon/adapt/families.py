@@ -280,6 +280,7 @@ class CalibrationShape:
     Attributes:
         family: one of :data:`FAMILIES`; layers / bands / band_edges: the ``bands`` family's shape;
         sigma_range: the schedule's ``(σ_start, σ_end)`` that the per-level families split into blocks.
+        below: the calibration acts at noise levels ``σ ≤ below`` only (``biasrecon.calibrate_below``; None: all).
     """
 
     family: str = "bands"
@@ -287,24 +288,38 @@ class CalibrationShape:
     bands: int = 3
     band_edges: tuple[float, ...] | None = None
     sigma_range: tuple[float, float] = (0.5, 0.01)
+    below: float | None = None
 
     def build(self, module: nn.Module) -> nn.Module:
         """The calibration of ``module`` with this shape (γ = 0, not attached)."""
         return make_calibration(self.family, module, sigma_range=self.sigma_range, layers=self.layers,
-                                bands=self.bands, band_edges=self.band_edges)
+                                bands=self.bands, band_edges=self.band_edges, below=self.below)
 
 
 def make_calibration(family: str, module: nn.Module, *, sigma_range: tuple[float, float] = (0.5, 0.01),
-                     layers: int = 24, bands: int = 3, band_edges: Sequence[float] | None = None) -> nn.Module:
+                     layers: int = 24, bands: int = 3, band_edges: Sequence[float] | None = None,
+                     below: float | None = None) -> nn.Module:
     """Build a calibration of ``family`` for ``module`` (not attached).
 
     ``layers`` / ``bands`` / ``band_edges``: the ``bands`` family's shape; ``sigma_range``: the schedule's
-    ``(σ_start, σ_end)`` for the per-level families.
+    ``(σ_start, σ_end)`` for the per-level families; ``below``: the calibration acts at ``σ ≤ below`` only
+    (:meth:`Calibration.acts_at`; the callers' denoisers use the prior as trained above it).
 
     Raises:
-        InputError: an unknown family, a module the family cannot hook, or more than 99 variables.
+        InputError: an unknown family, a module the family cannot hook, more than 99 variables, or a ``below``
+            that is not a positive number.
     """
     require_module(module)
+    if below is not None and not (isinstance(below, (int, float)) and not isinstance(below, bool)
+                                  and math.isfinite(below) and below > 0):
+        raise InputError(f"calibration: below must be None or a positive number, got {below!r}.")
+    calibration = _family(family, module, sigma_range, layers, bands, band_edges)
+    calibration.below = None if below is None else float(below)
+    return calibration
+
+
+def _family(family: str, module: nn.Module, sigma_range: tuple[float, float], layers: int, bands: int,
+            band_edges: Sequence[float] | None) -> nn.Module:
     if family == "bands":
         return FrequencyCalibration(module, layers="auto", num_layers=layers, bands=bands, band_edges=band_edges)
     if family == "conv_gain":
@@ -357,6 +372,9 @@ class CalibratedPrior:
         return self.calibration.gamma.detach().clone()
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """The calibrated denoiser: the calibration is attached for this call only."""
+        """The calibrated denoiser: the calibration is attached for this call only (the prior as trained at
+        levels the calibration does not act at)."""
+        if not self.calibration.acts_at(sigma):
+            return self.module.denoise(x, sigma)
         with self.calibration:
             return self.calibration.denoise(x, sigma)

@@ -52,6 +52,7 @@ class SiteProfile:
         source: The file it was read from.
         family: The calibration family (:data:`recon.adapt.families.FAMILIES`).
         sigma_range: The schedule's ``(σ_start, σ_end)`` of a per-level family, else None.
+        below: The noise level at and below which γ acts (``biasrecon.calibrate_below``), else None (every level).
     """
 
     site: str
@@ -64,6 +65,7 @@ class SiteProfile:
     source: str = ""
     family: str = "bands"
     sigma_range: tuple[float, float] | None = None
+    below: float | None = None
 
 
 def save_profile(
@@ -114,6 +116,7 @@ def save_profile(
         "layers": {"count": len(calibration.layer_names), "sha256": _layers_digest(calibration.layer_names)},
         "band_edges": list(calibration.band_edges),
         **({"sigma_range": list(sigma_range)} if sigma_range is not None else {}),
+        **({"below": calibration.below} if getattr(calibration, "below", None) is not None else {}),
         "gamma": {"shape": list(gamma.shape), "float32_base64": base64.b64encode(gamma.tobytes()).decode("ascii")},
         "extra": dict(extra or {}),
     }
@@ -172,6 +175,10 @@ def load_profile(path: str | os.PathLike[str]) -> SiteProfile:
         sigma_range = ()
     if sigma_range is not None and len(sigma_range) != 2:
         raise InputError(f"{path}: key 'sigma_range' is {record.get('sigma_range')!r}, expected [sigma_start, sigma_end].")
+    below = record.get("below")
+    if below is not None and (isinstance(below, bool) or not isinstance(below, (int, float)) or not below > 0
+                              or not np.isfinite(below)):
+        raise InputError(f"{path}: key 'below' is {below!r}, expected a positive number (or no key: every level).")
     if family == "bands":
         fits = len(shape) == 2 and shape[0] == count and shape[1] == len(edges_t) + 1
         expected = f"(layers.count, len(band_edges) + 1) = ({count}, {len(edges_t) + 1})"
@@ -184,7 +191,8 @@ def load_profile(path: str | os.PathLike[str]) -> SiteProfile:
         raise InputError(f"{path}: key 'gamma' holds non-finite values.")
     if not isinstance(extra, dict):
         raise InputError(f"{path}: key 'extra' must be a JSON object, got {type(extra).__name__}.")
-    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path), family, sigma_range)
+    return SiteProfile(site, prior, count, digest, edges_t, gamma, extra, str(path), family, sigma_range,
+                       None if below is None else float(below))
 
 
 def apply_profile(
@@ -204,7 +212,7 @@ def apply_profile(
 
     Raises:
         InputError: naming the file and the key (``prior``, ``family``, ``layers``, ``band_edges``,
-            ``sigma_range``, ``gamma``) that does not match.
+            ``sigma_range``, ``below``, ``gamma``) that does not match.
     """
     if not isinstance(profile, SiteProfile):
         profile = load_profile(profile)
@@ -217,6 +225,10 @@ def apply_profile(
     if own_range is not None and profile.sigma_range != tuple(own_range):
         raise InputError(f"{src}: key 'sigma_range' is {profile.sigma_range}, expected the schedule's {tuple(own_range)} "
                          f"(a per-level γ belongs to its noise levels).")
+    own_below = getattr(calibration, "below", None)
+    if profile.below != own_below:
+        raise InputError(f"{src}: key 'below' is {profile.below}, expected this calibration's {own_below} "
+                         f"(biasrecon.calibrate_below: the levels γ was fitted at).")
     names = calibration.layer_names
     if profile.num_layers != len(names) or profile.layers_sha256 != _layers_digest(names):
         raise InputError(

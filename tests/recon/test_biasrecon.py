@@ -60,7 +60,8 @@ def _problem(seed: int = 0, sigma: float = 0.01, density: float = 0.3):
 
 
 SETTINGS = dict(calibration_family="bands", num_steps=8, num_samples=1, sigma_start=0.3, sigma_end=0.01, theta_steps=4, adapt_fraction=1.0, lr=0.03,
-                lam=0.01, sure=False, acs_fraction=0.1, cg_iters=8, seed=3, calib_iterate="full", acs_auto=False)
+                lam=0.01, sure=False, acs_fraction=0.1, cg_iters=8, seed=3, calib_iterate="full", acs_auto=False,
+                calibrate_below=None)  # the mechanics at every level; calibrate_below has its own test
 SAMPLER = TweedieSampler()
 
 
@@ -297,6 +298,8 @@ def test_bad_settings_and_shapes_are_refused():
     assert BiasReconSettings(guard_scales=[1, 0.5]).guard_scales == (1.0, 0.5)  # a YAML list becomes floats
     with pytest.raises(InputError, match="heldout_weighting"):
         BiasReconSettings(heldout_weighting="voronoi")
+    with pytest.raises(InputError, match="split_sampling"):
+        BiasReconSettings(split_sampling="uniform")
     with pytest.raises(InputError, match="expected"):
         _optimizer(BlurDenoiser(), op, y[..., :-1], BiasReconSettings(**SETTINGS))
 
@@ -357,6 +360,62 @@ def test_acs_auto_holds_out_only_entries_outside_the_scans_fully_sampled_centre(
     br = _optimizer(BlurDenoiser(width=0.5), narrow, narrow.A(narrow.A_adjoint(y)), st)
     assert float(br.calib_lambda.sum()) > 0
     br.calibration.detach()
+
+
+def test_stratified_sampling_spreads_the_guards_and_the_calibrations_heldout_columns_over_the_frequencies():
+    """split_sampling=stratified: Λ_v takes one column per |k_x| stratum of the scan's sampled non-ACS columns, and the
+    calibration's Λc one per stratum of Θ_v's; the plain draw (same seed) is not spread so."""
+    op, y, _, _ = _problem(density=0.5)
+    kx = (torch.arange(W) - W // 2).abs().double()
+    centre = detect_acs(op.mask)[0] != 0
+
+    def spread(held: torch.Tensor, pool: torch.Tensor) -> bool:
+        r, h = torch.sort(kx[pool & ~centre]).values, torch.sort(kx[held.expand(H, W)[0] != 0]).values
+        n, m = r.numel(), h.numel()
+        return all(r[j * n // m] <= h[j] <= r[(j + 1) * n // m - 1] for j in range(m))
+
+    found = {}
+    for sampling in ("stratified", "random"):
+        st = BiasReconSettings(**{**SETTINGS, "calib_iterate": "theta", "acs_auto": True}, adapt="gamma",
+                               split_sampling=sampling)
+        br = _optimizer(BlurDenoiser(width=0.5), op, y, st)
+        found[sampling] = (spread(br.val_lambda, op.mask[0] != 0),
+                           spread(br.calib_lambda, br.val_theta.expand(H, W)[0] != 0))
+        br.calibration.detach()
+    assert found["stratified"] == (True, True)
+    assert found["random"] != (True, True)
+
+
+def test_calibrate_below_calibrates_only_the_low_noise_levels():
+    """calibrate_below: above the level the denoiser is the prior as trained, bit for bit, and a θ-step fits
+    nothing; at and below it the calibrated denoiser, and the θ-step moves γ; the hooks stay attached."""
+    op, y, _, _ = _problem()
+    prior = BlurDenoiser(width=0.5)
+    br = _optimizer(prior, op, y, BiasReconSettings(**{**SETTINGS, "calibrate_below": 0.05}, adapt="gamma"))
+    with torch.no_grad():
+        br.calibration.gamma.copy_(0.3 * torch.randn(br.calibration.gamma.shape, generator=torch.Generator().manual_seed(1)))
+    x = y.new_zeros(1, 1, H, W) + torch.complex(torch.randn(1, 1, H, W), torch.randn(1, 1, H, W))
+    with torch.no_grad():
+        high, low = br.prior.denoise(x, 0.2), br.prior.denoise(x, 0.05)
+        assert br.calibration.attached
+        calibrated = br.calibration.denoise(x, 0.05)
+        br.calibration.detach()
+        plain_high, plain_low = prior.denoise(x, 0.2), prior.denoise(x, 0.05)
+        br.calibration.attach()
+    assert torch.equal(high, plain_high)
+    assert torch.equal(low, calibrated) and not torch.equal(low, plain_low)
+    before = br.calibration.gamma.detach().clone()
+    assert math.isnan(br.theta_step(x, 0.2)) and torch.equal(br.calibration.gamma.detach(), before)
+    assert math.isfinite(br.theta_step(x, 0.04)) and not torch.equal(br._iterate[0], before)
+    br.calibration.detach()
+    for value in (0.0, -1.0, float("inf")):
+        with pytest.raises(InputError, match="calibrate_below"):
+            BiasReconSettings(calibrate_below=value)
+    # a schedule whose calibration levels all lie above it: refused up front, the prior left without hooks
+    short = BiasReconSettings(**{**SETTINGS, "calibrate_below": 0.05, "adapt_fraction": 0.25}, adapt="gamma")
+    with pytest.raises(InputError, match="calibrate_below=0.05 leaves no level to calibrate"):
+        _optimizer(prior, op, y, short)
+    assert all(not m._forward_hooks for m in prior.modules())
 
 
 def test_noise_rule_sets_the_chain_lambda_from_the_noise_level():

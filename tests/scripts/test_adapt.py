@@ -130,7 +130,8 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     """A profile with non-zero γ is applied: the written volume equals BiasRecon run directly with it."""
     out, profile_path = site_run
     original = load_profile(profile_path)
-    calibration = CalibrationShape(BiasReconSettings().calibration_family).build(prior)  # the default family
+    defaults = BiasReconSettings()
+    calibration = CalibrationShape(defaults.calibration_family, below=defaults.calibrate_below).build(prior)  # the default
     gamma = 0.1 * torch.randn(calibration.gamma.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         calibration.gamma.copy_(gamma)
@@ -150,7 +151,8 @@ def test_written_reconstruction_is_the_library_result(site_run, prior, tmp_path)
     op = Sense(torch.stack([sensitivity_maps(s) for s in samples]), mask)
     settings = dataclasses.replace(method_settings(config, "biasrecon"), adapt="none",
                                    noise_sigma=noise_level(kspace, mask))
-    calibrated = CalibratedPrior(prior, gamma, CalibrationShape(settings.calibration_family))  # the profile's γ, as a value
+    calibrated = CalibratedPrior(prior, gamma, CalibrationShape(settings.calibration_family,  # the profile's γ, as a value
+                                                                below=settings.calibrate_below))
     image = BiasRecon(calibrated, op, kspace, settings, sampler=TweedieSampler()).run().image
     expected = np.stack([s.denormalize(im.abs()[0]).numpy() for s, im in zip(samples, image)])
     written = _read(reuse / "reconstructions" / "biasrecon" / data.name)

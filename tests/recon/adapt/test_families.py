@@ -609,7 +609,7 @@ def test_biasrecon_fits_the_settings_family(family):
     op = Sense(maps, mask)
     y = op.A(_image(shape=(1, 1, h, w)))
     settings = BiasReconSettings(num_steps=4, sigma_start=0.4, sigma_end=0.02, sure=False, acs_auto=False,
-                                 calibration_family=family)
+                                 calibration_family=family, calibrate_below=None)  # D_γ at every level
     opt = BiasRecon(model, op, y, settings, sampler=TweedieSampler())
     calib = opt.calibration
     assert calib.family == family
@@ -697,3 +697,36 @@ def test_a_detached_level_family_denoises_as_the_prior(family):
         assert not torch.equal(calib.denoise(x, 0.1), plain)
         calib.detach()
         assert torch.equal(_bits(calib.denoise(x, 0.1)), _bits(plain))
+
+
+@pytest.mark.parametrize("family", ["norm_affine", "sigma_in"])
+def test_a_calibration_below_a_level_is_the_prior_as_trained_above_it_also_as_a_saved_profile(family, tmp_path):
+    """``below`` (biasrecon.calibrate_below): a :class:`CalibratedPrior` is the module's own denoiser, bit for bit, at
+    levels above it and the calibrated one at and below it; a saved profile keeps ``below`` and refuses a calibration
+    with another one, naming the key."""
+    from recon.adapt.families import CalibratedPrior, CalibrationShape
+    from recon.adapt.profiles import apply_profile, load_profile, save_profile
+
+    model, x = _score_model(), _image()
+    shape = CalibrationShape(family, sigma_range=SIGMA_RANGE, below=0.05)
+    calib = shape.build(model)
+    with torch.no_grad():
+        calib.gamma.normal_(0.0, 0.3, generator=_gen(2))
+    value = CalibratedPrior(model, calib.gamma, shape)
+    with torch.no_grad():
+        for sigma in (0.2, 0.05, 0.02):
+            with calib:
+                calibrated = calib.denoise(x, sigma)
+            plain = model.denoise(x, sigma)
+            assert not torch.equal(calibrated, plain)
+            assert torch.equal(value.denoise(x, sigma), plain if sigma > 0.05 else calibrated)
+    assert all(counts == (0, 0) for counts in _hook_counts(model).values())  # nothing left attached
+    path = save_profile(tmp_path / "p.json", calib, "site", "prior")
+    assert load_profile(path).below == 0.05
+    apply_profile(path, CalibrationShape(family, sigma_range=SIGMA_RANGE, below=0.05).build(model))
+    for other in (None, 0.1):
+        with pytest.raises(InputError, match="key 'below' is 0.05"):
+            apply_profile(path, CalibrationShape(family, sigma_range=SIGMA_RANGE, below=other).build(model))
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(InputError, match="below"):
+            make_calibration(family, model, sigma_range=SIGMA_RANGE, below=bad)
