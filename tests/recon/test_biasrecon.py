@@ -404,6 +404,7 @@ def test_calibrate_below_calibrates_only_the_low_noise_levels():
         br.calibration.attach()
     assert torch.equal(high, plain_high)
     assert torch.equal(low, calibrated) and not torch.equal(low, plain_low)
+    assert br.val_sigmas == [0.05]  # the schedule's middle (0.055) capped: the step selection scores where γ acts
     before = br.calibration.gamma.detach().clone()
     assert math.isnan(br.theta_step(x, 0.2)) and torch.equal(br.calibration.gamma.detach(), before)
     assert math.isfinite(br.theta_step(x, 0.04)) and not torch.equal(br._iterate[0], before)
