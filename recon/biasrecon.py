@@ -403,23 +403,6 @@ class SureChain:
         return prox(self.pair, self.ys, self.x_hat, lam, self.cg_iters)
 
 
-class _LevelGate:
-    """The calibrating optimizer's denoiser where γ acts at some levels only (``calibrate_below``): the calibrated
-    ``D_γ`` at ``σ ≤ below``, above it the prior as trained (hooks off for the call)."""
-
-    def __init__(self, calibration: nn.Module) -> None:
-        self.calibration = calibration
-
-    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        if self.calibration.acts_at(sigma):
-            return self.calibration.denoise(x, sigma)
-        self.calibration.detach()
-        try:
-            return self.calibration.module.denoise(x, sigma)
-        finally:
-            self.calibration.attach()
-
-
 class _CalibratingPrior:
     """The prior as the calibration's sampler sees it: a θ-step before each denoising, then the
     denoising with the kept parameters (so the θ-steps ride along the sampler's own loop)."""
@@ -513,22 +496,20 @@ class BiasRecon:
         self.prior, self.calibration = prior, None
         if settings.adapt != "none" and not isinstance(prior, nn.Module):
             raise InputError(f"biasrecon.adapt={settings.adapt!r} needs the prior to be a torch nn.Module")
-        if settings.adapt == "gamma" and settings.calibrate_below is not None:
+        if settings.adapt == "gamma":
+            calibration = make_calibration(settings.calibration_family, prior,
+                                           sigma_range=(settings.sigma_start, settings.sigma_end),
+                                           layers=calibration_layers, bands=calibration_bands,
+                                           below=settings.calibrate_below)
             levels = self.sigmas[: math.ceil(settings.adapt_fraction * len(self.sigmas))]
-            if levels and not any(s <= settings.calibrate_below for s in levels):
+            if levels and not any(calibration.acts_at(s) for s in levels):  # refused before any hook is attached
                 raise InputError(
                     f"biasrecon.calibrate_below={settings.calibrate_below:g} leaves no level to calibrate: the first "
                     f"adapt_fraction={settings.adapt_fraction:g} of the {len(self.sigmas)} levels end at sigma "
                     f"{levels[-1]:.3g}; expected one at or below it (raise num_steps or adapt_fraction, or set "
                     f"calibrate_below >= {levels[-1]:.3g}, or null for every level).")
-        if settings.adapt == "gamma":
-            self.calibration = make_calibration(settings.calibration_family, prior,
-                                                sigma_range=(settings.sigma_start, settings.sigma_end),
-                                                layers=calibration_layers, bands=calibration_bands,
-                                                below=settings.calibrate_below).attach()
-            self.prior = self.calibration  # D_γ: the hooks, and the family's own change of the denoiser
-            if settings.calibrate_below is not None:
-                self.prior = _LevelGate(self.calibration)
+            self.calibration = calibration.attach()
+            self.prior = self.calibration  # D_γ where it acts: the hooks, and the family's own change of the denoiser
             self.params = [self.calibration.gamma]
         elif settings.adapt == "full":
             self.prior = copy.deepcopy(prior)

@@ -59,13 +59,15 @@ def measure(data: screen.Data, cell: screen.Cell, row: str, index: int) -> dict:
     optimizer = BiasRecon(data.prior(cell.prior), op, sample.kspace[None], settings, sampler=TweedieSampler(),
                           calibration_bands=bands)
     chains: list[torch.Tensor] = []
+    x_step_chain = optimizer.x_step_chain
 
-    def chain_heldout_loss() -> float:  # the guard's score, keeping its chain
-        x0, _ = optimizer.x_step_chain(optimizer.val_op, optimizer.val_y, optimizer.lam, phase="guard")
-        chains.append(x0.detach().clone())
-        return float(optimizer._loss(x0, optimizer.val_lambda))
+    def keeping_guard_chains(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # the guard's chains, kept
+        x0, rest = x_step_chain(*args, **kwargs)
+        if kwargs.get("phase") == "guard":
+            chains.append(x0.detach().clone())
+        return x0, rest
 
-    optimizer.chain_heldout_loss = chain_heldout_loss
+    optimizer.x_step_chain = keeping_guard_chains
     optimizer.calibrate()
     if optimizer.calibration is not None:
         optimizer.calibration.detach()

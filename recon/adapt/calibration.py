@@ -195,6 +195,11 @@ def candidate_layers(module: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def noise_level(sigma: float | torch.Tensor) -> float:
+    """A noise level as a float: ``sigma`` itself, or a tensor's first value (a batch shares its level)."""
+    return float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+
+
 def require_module(module: object) -> None:
     """Raises InputError unless ``module`` is an ``nn.Module`` (what every calibration hooks into)."""
     if not isinstance(module, nn.Module):
@@ -288,14 +293,24 @@ class Calibration(nn.Module):
         load_gamma(self.gamma, gamma, source)
 
     def acts_at(self, sigma: float | torch.Tensor) -> bool:
-        """Whether γ acts at noise level ``sigma`` (``σ ≤ below``; always when ``below`` is None); a tensor's
-        first value decides."""
-        if self.below is None:
-            return True
-        return (float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)) <= self.below
+        """Whether γ acts at noise level ``sigma`` (``σ ≤ below``; always when ``below`` is None)."""
+        return self.below is None or noise_level(sigma) <= self.below
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """``D_γ(x, s)``: the module's denoiser with the hooks (attach first) and the family's own changes."""
+        """``D_γ(x, s)`` at the levels γ acts at (:meth:`acts_at`): the module's denoiser with the hooks (attach
+        first) and the family's own changes; at the other levels the module's own ``D(x, s)``, hooks off."""
+        if self.acts_at(sigma):
+            return self._denoise(x, sigma)
+        if not self.attached:
+            return self.module.denoise(x, sigma)
+        self.detach()
+        try:
+            return self.module.denoise(x, sigma)
+        finally:
+            self.attach()
+
+    def _denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The calibrated denoiser where γ acts: the module's, through the hooks (families may change it)."""
         return self.module.denoise(x, sigma)
 
 

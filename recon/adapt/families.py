@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from recon.adapt.calibration import (Calibration, FrequencyCalibration, _radial_bands_cached, default_band_edges,
-                                     require_module)
+                                     noise_level, require_module)
 from recon.errors import InputError
 
 __all__ = ["FAMILIES", "Calibration", "CalibratedPrior", "CalibrationShape", "ConvGain", "NormAffine", "FreeU", "ResidualBands", "SigmaIn",
@@ -52,7 +52,7 @@ def level_block(sigma: float, sigma_range: tuple[float, float], blocks: int) -> 
     """The block ``k ∈ [0, K)`` of a noise level: ``⌊K · log(σ_start/σ) / log(σ_start/σ_end)⌋``, clamped.
 
     Shape: scalars (``sigma`` a float or a 0-d / ``(B,)`` tensor whose first value decides)."""
-    value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    value = noise_level(sigma)
     start, end = sigma_range
     position = math.log(start / max(value, 1e-30)) / math.log(start / end)
     return min(max(int(math.floor(blocks * position)), 0), blocks - 1)
@@ -192,13 +192,13 @@ class _PerLevel(Calibration):
     def _block(self, sigma: float | torch.Tensor, blocks: int) -> int:
         return level_block(sigma, self.sigma_range, blocks)
 
-    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """``D_γ(x, s)`` while attached; detached, the prior's own ``D(x, s)`` (as the hook families)."""
         if not self.attached:
             return self.module.denoise(x, sigma)
-        return self._denoise(x, sigma)
+        return self._level_denoise(x, sigma)
 
-    def _denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def _level_denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -227,7 +227,7 @@ class ResidualBands(_PerLevel):
         self.blocks, self.bands = int(blocks), int(bands)
         super().__init__(module, (self.blocks, self.bands), sigma_range)
 
-    def _denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def _level_denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         d = self.module.denoise(x, sigma)
         return _residual_correction(x.to(d.dtype), d, self.gamma[self._block(sigma, self.blocks)])
 
@@ -244,7 +244,7 @@ class SigmaIn(_PerLevel):
         self.blocks = int(blocks)
         super().__init__(module, (self.blocks,), sigma_range)
 
-    def _denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def _level_denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         return self.module.denoise(x, sigma * self.gamma[self._block(sigma, self.blocks)].exp())
 
 
@@ -261,7 +261,7 @@ class SigmaResidual(_PerLevel):
         self.sigma_blocks, self.blocks, self.bands = int(sigma_blocks), int(blocks), int(bands)
         super().__init__(module, (self.sigma_blocks + self.blocks * self.bands,), sigma_range)
 
-    def _denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def _level_denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         factor = self.gamma[self._block(sigma, self.sigma_blocks)].exp()
         d = self.module.denoise(x, sigma * factor)
         residual = self.gamma[self.sigma_blocks:].reshape(self.blocks, self.bands)
@@ -373,8 +373,6 @@ class CalibratedPrior:
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """The calibrated denoiser: the calibration is attached for this call only (the prior as trained at
-        levels the calibration does not act at)."""
-        if not self.calibration.acts_at(sigma):
-            return self.module.denoise(x, sigma)
+        levels the calibration does not act at, :meth:`Calibration.denoise`)."""
         with self.calibration:
             return self.calibration.denoise(x, sigma)

@@ -713,13 +713,19 @@ def test_a_calibration_below_a_level_is_the_prior_as_trained_above_it_also_as_a_
     with torch.no_grad():
         calib.gamma.normal_(0.0, 0.3, generator=_gen(2))
     value = CalibratedPrior(model, calib.gamma, shape)
+    everywhere = CalibrationShape(family, sigma_range=SIGMA_RANGE).build(model)  # the same γ at every level
     with torch.no_grad():
+        everywhere.gamma.copy_(calib.gamma)
         for sigma in (0.2, 0.05, 0.02):
+            with everywhere:
+                calibrated = everywhere.denoise(x, sigma)
             with calib:
-                calibrated = calib.denoise(x, sigma)
+                gated = calib.denoise(x, sigma)
+                assert calib.attached  # hooks off for a level above below, back on after
             plain = model.denoise(x, sigma)
             assert not torch.equal(calibrated, plain)
-            assert torch.equal(value.denoise(x, sigma), plain if sigma > 0.05 else calibrated)
+            expected = plain if sigma > 0.05 else calibrated
+            assert torch.equal(value.denoise(x, sigma), expected) and torch.equal(gated, expected)
     assert all(counts == (0, 0) for counts in _hook_counts(model).values())  # nothing left attached
     path = save_profile(tmp_path / "p.json", calib, "site", "prior")
     assert load_profile(path).below == 0.05
