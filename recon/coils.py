@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from recon.errors import InputError
+from recon.fft import ifft2c
 from recon.masks import center_box
 
-__all__ = ["detect_acs", "acs_width", "espirit_maps", "sensitivity_maps", "MultiCoilSlice", "ESPIRIT_CROP", "rss"]
+__all__ = ["detect_acs", "acs_width", "acs_rectangle", "espirit_maps", "sensitivity_maps", "MultiCoilSlice",
+           "ESPIRIT_CROP", "ESPIRIT_BLOCK", "MAP_BLOCKS", "rss"]
 
 _ESPIRIT_KERNEL_WIDTH = 6  # sigpy's default calibration kernel width
 _MIN_CALIB_WIDTH = 7  # espirit_maps needs calib_width > its kernel width 6
@@ -29,6 +31,14 @@ _MAX_CALIB_WIDTH = 24  # sigpy's default calibration width
 
 ESPIRIT_CROP = 0.1
 """ESPIRiT eigenvalue crop of :func:`sensitivity_maps` (sigpy's default 0.95 fails on small ACS)."""
+
+MAP_BLOCKS = ("square", "rectangle")
+"""ESPIRiT's calibration block in :func:`sensitivity_maps`: the centre's largest square (sigpy's), or that square
+extended along the rows that stay fully sampled (:func:`acs_rectangle`: every readout row of a 1-D mask)."""
+
+ESPIRIT_BLOCK = "rectangle"
+"""The default of :data:`MAP_BLOCKS` (``maps_block``): a 1-D mask's 8-11 centre columns give sigpy's square
+only 3-6 kernel positions a side; every readout row explains the data better (docs/results/coil_maps.md)."""
 
 
 def _largest_sampled(sampled: torch.Tensor, boxes: Iterable[torch.Tensor]) -> torch.Tensor | None:
@@ -108,9 +118,33 @@ def acs_width(mask: torch.Tensor, limit: int = _MAX_CALIB_WIDTH) -> int:
     return 0 if best is None else int(best.any(dim=0).sum())
 
 
+def acs_rectangle(mask: torch.Tensor, max_columns: int = _MAX_CALIB_WIDTH) -> tuple[int, int]:
+    """``(rows, columns)`` of the largest fully sampled central rectangle of a mask whose columns are those
+    of :func:`acs_width`'s square (at most ``max_columns``), placed as :func:`espirit_maps` crops it.
+
+    Maths: ``c = acs_width(M, max_columns)``; then the largest ``r ≤ H`` with
+    ``M[H//2 − r//2 : H//2 − r//2 + r, W//2 − c//2 : W//2 − c//2 + c] = 1``. A 1-D mask gives ``(H, c)``
+    (every readout row), a 2-D mask with a square centre ``(c, c)``; ``(0, 0)`` without a centre.
+    Shape: ``mask`` ``(H, W)`` (or with leading singleton dims); returns two ints.
+    """
+    height, width = mask.shape[-2:]
+    sampled = mask.reshape(-1, height, width)[0] != 0
+    columns = acs_width(mask, max_columns)
+    if columns == 0:
+        return 0, 0
+    c0 = width // 2 - columns // 2
+    rows = columns
+    while rows < height:
+        r0 = height // 2 - (rows + 1) // 2
+        if not bool(sampled[r0:r0 + rows + 1, c0:c0 + columns].all()):
+            break
+        rows += 1
+    return rows, columns
+
+
 def espirit_maps(
     kspace: torch.Tensor,
-    calib_width: int = 24,
+    calib_width: int | tuple[int, int] = 24,
     threshold: float = 0.02,
     crop: float = 0.95,
     max_iter: int = 100,
@@ -118,9 +152,11 @@ def espirit_maps(
     """ESPIRiT coil sensitivity maps from the auto-calibration (ACS) centre of k-space.
 
     Maths: eigenvector of the ESPIRiT operator with eigenvalue ~1 at each pixel (Uecker et al.
-    2014), from the central ``calib_width x calib_width`` block of k-space; phase relative to
-    coil 0, ``sum_c |S_c|² = 1`` where the eigenvalue exceeds ``crop`` and ``S = 0`` elsewhere.
-    Computed by ``sigpy.mri.app.EspiritCalib`` on the CPU, one batch item at a time.
+    2014), from the central ``calib_width x calib_width`` block of k-space (or a ``(rows, columns)``
+    rectangle); phase relative to coil 0, ``sum_c |S_c|² = 1`` where the eigenvalue exceeds ``crop``
+    and ``S = 0`` elsewhere. A square is computed by ``sigpy.mri.app.EspiritCalib``, a rectangle by
+    the same algorithm in torch (:func:`_espirit`; sigpy crops squares only); on the CPU, one batch
+    item at a time.
 
     Shape: ``kspace`` ``(C, H, W)`` or ``(B, C, H, W)`` complex; returns the same shape,
     ``torch.complex64``, on ``kspace.device``.
@@ -128,7 +164,8 @@ def espirit_maps(
     Args:
         kspace: Centered k-space (the orthonormal ``fft2c`` convention). Undersampled k-space is
             fine provided the central ``calib_width`` block is fully sampled: only it is used.
-        calib_width: Side of the central calibration block, at most ``min(H, W)``.
+        calib_width: Side of the central calibration block, at most ``min(H, W)``; or its
+            ``(rows, columns)``, e.g. every readout row × the ACS columns of a 1-D mask.
         threshold: Singular values below ``threshold * max`` of the calibration matrix are dropped.
         crop: Eigenvalue threshold below which maps are set to zero (outside the object).
         max_iter: Power-method iterations.
@@ -156,10 +193,11 @@ def espirit_maps(
             f"channels; use torch.view_as_complex on a (..., 2) tensor."
         )
     height, width = kspace.shape[-2:]
-    if not _ESPIRIT_KERNEL_WIDTH < calib_width <= min(height, width):
+    rows, columns = (calib_width, calib_width) if isinstance(calib_width, int) else tuple(calib_width)
+    if not (_ESPIRIT_KERNEL_WIDTH < rows <= height and _ESPIRIT_KERNEL_WIDTH < columns <= width):
         raise InputError(
             f"espirit_maps: calib_width={calib_width} must be more than {_ESPIRIT_KERNEL_WIDTH} and at most "
-            f"min(H, W)={min(height, width)} for kspace of shape {tuple(kspace.shape)}."
+            f"(H, W)={(height, width)} for kspace of shape {tuple(kspace.shape)}."
         )
     if not 0 < crop < 1 or not threshold >= 0 or int(max_iter) < 1:
         raise InputError(
@@ -167,6 +205,10 @@ def espirit_maps(
             f"threshold={threshold}, max_iter={max_iter}."
         )
 
+    if rows != columns:
+        items = kspace.reshape(-1, *kspace.shape[-3:])
+        maps = torch.stack([_espirit(item, (rows, columns), threshold, crop, max_iter) for item in items])
+        return maps.reshape(kspace.shape).to(kspace.device)
     batch = kspace.detach().to("cpu", torch.complex64).numpy()
     batched = batch.ndim == 4
     if not batched:
@@ -175,7 +217,7 @@ def espirit_maps(
         [
             EspiritCalib(
                 item,
-                calib_width=int(calib_width),
+                calib_width=int(rows),
                 thresh=float(threshold),
                 kernel_width=_ESPIRIT_KERNEL_WIDTH,
                 crop=float(crop),
@@ -188,6 +230,45 @@ def espirit_maps(
     if not batched:
         maps = maps[0]
     return torch.from_numpy(maps).to(kspace.device)
+
+
+def _espirit(kspace: torch.Tensor, calib_shape: tuple[int, int], threshold: float, crop: float,
+             max_iter: int) -> torch.Tensor:
+    """ESPIRiT from a central ``calib_shape = (h, w)`` block of k-space: the algorithm of sigpy's
+    ``EspiritCalib`` (which crops a square only) on any rectangle, in torch.
+
+    Maths: the calibration matrix's rows are the ``6 × 6`` patches of the block (all coils); its right
+    singular vectors above ``threshold · s_max`` are k-space kernels ``k_n``; per pixel
+    ``G(r) = (HW / 36) Σ_n k̂_n(r) k̂_n(r)ᴴ`` (``k̂_n`` the centred inverse FFT of the kernel zero-padded
+    to ``(H, W)``, sigpy's placement); the map is the top eigenvector of ``G(r)`` by ``max_iter`` power
+    iterations from ones, phase relative to coil 0, zero where the eigenvalue is ``≤ crop``.
+    Shape: ``kspace`` ``(C, H, W)`` complex64; returns ``(C, H, W)`` complex64 on the CPU.
+    """
+    coils, height, width = kspace.shape
+    h, w, k = calib_shape[0], calib_shape[1], _ESPIRIT_KERNEL_WIDTH
+    r0, c0 = height // 2 - h // 2, width // 2 - w // 2
+    block = kspace.detach().cpu().to(torch.complex64)[:, r0:r0 + h, c0:c0 + w]
+    patches = block.unfold(1, k, 1).unfold(2, k, 1)  # (C, h-k+1, w-k+1, k, k)
+    matrix = patches.permute(1, 2, 0, 3, 4).reshape(-1, coils * k * k)
+    _, singular, vh = torch.linalg.svd(matrix, full_matrices=False)
+    kernels = vh[singular > threshold * singular.max()].reshape(-1, coils, k, k)
+    gram = torch.zeros(height, width, coils, coils, dtype=torch.complex64)
+    p0, q0 = height // 2 - k // 2, width // 2 - k // 2
+    for chunk in kernels.split(16):
+        padded = torch.zeros(len(chunk), coils, height, width, dtype=torch.complex64)
+        padded[..., p0:p0 + k, q0:q0 + k] = chunk
+        image = ifft2c(padded).permute(2, 3, 0, 1)  # (H, W, n, C)
+        gram += torch.einsum("hwni,hwnj->hwij", image, image.conj())
+    gram *= height * width / k ** 2
+    maps = torch.ones(height, width, coils, 1, dtype=torch.complex64)
+    eigenvalue = torch.ones(height, width, 1, 1)
+    for _ in range(int(max_iter)):
+        maps = gram @ maps
+        eigenvalue = torch.linalg.vector_norm(maps, dim=-2, keepdim=True)
+        maps = maps / eigenvalue
+    maps = maps[..., 0].permute(2, 0, 1)  # (C, H, W)
+    maps = maps * torch.sgn(maps[0]).conj()  # phase relative to coil 0
+    return maps * (eigenvalue[..., 0, 0] > crop)
 
 
 class MultiCoilSlice(Protocol):
@@ -214,11 +295,12 @@ class MultiCoilSlice(Protocol):
 
 
 def sensitivity_maps(sample: MultiCoilSlice, oracle: bool = False, max_calib_width: int = _MAX_CALIB_WIDTH,
-                     crop: float = ESPIRIT_CROP) -> torch.Tensor:
+                     crop: float = ESPIRIT_CROP, block: str = ESPIRIT_BLOCK) -> torch.Tensor:
     """Coil sensitivities of a slice, shared by every method.
 
     Maths: ESPIRiT (:func:`espirit_maps`) on the sample's fully sampled centre of side
-    :func:`acs_width` (≤ ``max_calib_width``), maps zeroed where the ESPIRiT eigenvalue is below
+    :func:`acs_width` (≤ ``max_calib_width``) with ``block="square"``, or on its :func:`acs_rectangle`
+    (every readout row of a 1-D mask × those columns; the default) — maps zeroed where the ESPIRiT eigenvalue is below
     ``crop``; single-coil data get a map of ones; ``oracle=True`` returns the sample's stored true
     maps (simulated sites), an upper bound that real data do not have.
 
@@ -229,9 +311,12 @@ def sensitivity_maps(sample: MultiCoilSlice, oracle: bool = False, max_calib_wid
     Shape: returns ``(C, H, W)`` complex64.
 
     Raises:
-        InputError: ``oracle`` without stored maps, or a centre too small for ESPIRiT.
+        InputError: ``oracle`` without stored maps, a centre too small for ESPIRiT, or an unknown
+            ``block``.
     """
     source = f"{sample.fname} (slice {sample.slice_idx})"
+    if block not in MAP_BLOCKS:
+        raise InputError(f"ESPIRiT block (key 'maps_block') is {block!r}, expected one of {', '.join(MAP_BLOCKS)}.")
     if oracle:
         if sample.sens_maps is None:
             raise InputError(f"{source}: key 'sens_maps' is missing, expected true maps in the file for oracle maps.")
@@ -245,7 +330,8 @@ def sensitivity_maps(sample: MultiCoilSlice, oracle: bool = False, max_calib_wid
             f"{_MIN_CALIB_WIDTH} x {_MIN_CALIB_WIDTH} for ESPIRiT "
             f"(raise acquisition.center_fraction or use oracle maps)."
         )
-    return espirit_maps(sample.kspace, calib_width=width, crop=float(crop))
+    size = acs_rectangle(sample.mask, max_calib_width) if block == "rectangle" else width
+    return espirit_maps(sample.kspace, calib_width=size, crop=float(crop))
 
 
 def rss(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torch.Tensor:

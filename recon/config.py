@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recon.biasrecon import BiasReconSettings
+from recon.coils import ESPIRIT_BLOCK, MAP_BLOCKS
 from recon.errors import InputError
 from recon.methods import METHODS, PRIOR_METHODS, prior_settings
 from recon.resources import config_path
@@ -105,6 +106,7 @@ class AdaptConfig:
     biasrecon: Any = field(default_factory=BiasReconSection)  # BiasReconSection (a generated dataclass)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     maps: str = "espirit"  # "espirit" | "true"
+    maps_block: str = ESPIRIT_BLOCK  # ESPIRiT's calibration block: "rectangle" | "square" (recon.coils.MAP_BLOCKS)
     batch_size: int = 4
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     methods: List[str] = field(default_factory=lambda: ["biasrecon", "unadapted"])
@@ -190,6 +192,8 @@ def _checked(cfg: Any, where: str) -> AdaptConfig:
         config.maps = "true"
     if config.maps not in ("espirit", "true"):
         raise InputError(f"{where}: key 'maps' is {config.maps!r}, expected 'espirit' or 'true'.")
+    if config.maps_block not in MAP_BLOCKS:
+        raise InputError(f"{where}: key 'maps_block' is {config.maps_block!r}, expected one of {', '.join(MAP_BLOCKS)}.")
     if config.preset not in PRESETS:
         raise InputError(f"{where}: key 'preset' is {config.preset!r}, expected one of {', '.join(PRESETS)}.")
     if config.device not in ("auto", "cpu", "cuda"):

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from recon.atomic import write_bytes, write_text
 from recon.biasrecon import BiasRecon, BiasReconSettings
-from recon.coils import sensitivity_maps
+from recon.coils import ESPIRIT_BLOCK, MAP_BLOCKS, sensitivity_maps
 from recon.config import settings_from_dotlist
 from recon.data import Sample, load_site, site_dataset
 from recon.data.transforms import center_crop
@@ -104,6 +104,7 @@ class MatrixSpec:
     adaptation_methods: tuple[str, ...]
     settings: BiasReconSettings = field(default_factory=BiasReconSettings)
     source: str = ""
+    maps_block: str = ESPIRIT_BLOCK  # ESPIRiT's calibration block (recon.coils.MAP_BLOCKS)
 
     def slices_of(self, method: str) -> int:
         return self.adaptation_slices if method in self.adaptation_methods else self.slices
@@ -178,9 +179,12 @@ def load_matrix(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Matri
         cells.append(Cell(prior, domain, acceleration, run))
     settings = settings_from_dotlist([f"{k}={json.dumps(v) if isinstance(v, list) or v is None else v}"
                                       for k, v in (cfg.get("settings") or {}).items()])
+    block = str(cfg.get("maps_block", ESPIRIT_BLOCK))
+    if block not in MAP_BLOCKS:
+        raise InputError(f"{where}: key 'maps_block' is {block!r}, expected one of {', '.join(MAP_BLOCKS)}.")
     return MatrixSpec(priors, domains, tuple(cells), classical, tuple(float(g) for g in _need(cfg, "oracle_grid", where)),
                       int(cfg.get("slices", 6)), int(cfg.get("adaptation_slices", 4)), adaptation, settings,
-                      source=str(path))
+                      source=str(path), maps_block=block)
 
 
 def _prior_anatomy(prior: str, domains: dict[str, Domain]) -> str | None:
@@ -284,13 +288,14 @@ def release(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def cached_maps(path: Path, sample: Callable[[], Sample]) -> torch.Tensor:
-    """The ESPIRiT maps of a slice (:func:`recon.coils.sensitivity_maps`), computed once and kept at ``path``:
+def cached_maps(path: Path, sample: Callable[[], Sample], block: str = ESPIRIT_BLOCK) -> torch.Tensor:
+    """The ESPIRiT maps of a slice (:func:`recon.coils.sensitivity_maps` with ESPIRiT's calibration ``block``),
+    computed once and kept at ``path``:
     written through a per-process temp file and ``os.replace``, so processes sharing the folder never read half a
     file. ``sample`` is called only when ``path`` does not exist yet. Shape: ``(C, H, W)`` complex."""
     if path.exists():
         return torch.load(path)
-    maps = sensitivity_maps(sample())
+    maps = sensitivity_maps(sample(), block=block)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(maps, tmp)
@@ -318,8 +323,8 @@ class Workspace:
         return self.samples[key][index]
 
     def maps(self, domain: str, acceleration: int, index: int) -> torch.Tensor:
-        return cached_maps(self.out / "maps" / f"{domain}__{acceleration}x" / f"{index:03d}.pt",
-                           lambda: self.sample(domain, acceleration, index))
+        return cached_maps(self.out / "maps" / self.spec.maps_block / f"{domain}__{acceleration}x" / f"{index:03d}.pt",
+                           lambda: self.sample(domain, acceleration, index), block=self.spec.maps_block)
 
     def prior(self, name: str) -> Any:
         if name not in self.priors:
@@ -558,7 +563,8 @@ def report_markdown(spec: MatrixSpec, agg: dict[str, Any], command: str, machine
              f"Slices: {spec.slices} per cell (the first of each domain's test split), {spec.adaptation_slices} for "
              f"{', '.join(LABELS[m] for m in spec.adaptation_methods)}; each slice adapted alone. "
              f"Prior methods: {spec.settings.num_steps} noise levels, {spec.settings.num_samples} sample(s), "
-             f"chain λ {spec.settings.lam:g}. Oracle rows: λ chosen on the very slices scored.", ""]
+             f"chain λ {spec.settings.lam:g}; ESPIRiT maps from the {spec.maps_block} calibration block. "
+             f"Oracle rows: λ chosen on the very slices scored.", ""]
     for against, title in (("reference", "PSNR (dB) vs the clean reference"), ("target", "PSNR (dB) vs the fastMRI target (RSS of the noisy data)")):
         lines += [f"### {title}", "", "| cell | " + " | ".join(LABELS[c] for c in COLUMNS) + " |",
                   "|---|" + "---:|" * len(COLUMNS)]

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from recon.adapt import CalibratedPrior, CalibrationShape, calibrated_prior, save_profile
 from recon.atomic import write_bytes, write_text
 from recon.biasrecon import BiasRecon, BiasReconResult, BiasReconSettings, Sampler
-from recon.coils import sensitivity_maps
+from recon.coils import ESPIRIT_BLOCK, sensitivity_maps
 from recon.config import AdaptConfig, method_settings
 from recon.data import FastMRISliceDataset, Sample, load_site, site_dataset
 from recon.data.fastmri_io import REFERENCE_KEY
@@ -192,8 +192,9 @@ class Batch:
 class SliceSource:
     """Reads slices and their sensitivity maps (once per slice); keeps the ones asked to be kept."""
 
-    def __init__(self, dataset: FastMRISliceDataset, true_maps: bool, device: torch.device) -> None:
-        self.dataset, self.true_maps, self.device = dataset, true_maps, device
+    def __init__(self, dataset: FastMRISliceDataset, true_maps: bool, device: torch.device,
+                 block: str = ESPIRIT_BLOCK) -> None:
+        self.dataset, self.true_maps, self.device, self.block = dataset, true_maps, device, block
         self.cache: dict[int, tuple[Sample, torch.Tensor, float]] = {}
         self.keep: set[int] = set()
 
@@ -203,7 +204,7 @@ class SliceSource:
             return self.cache[i]
         sample = self.dataset[i]
         start = time.perf_counter()
-        maps = sensitivity_maps(sample, oracle=self.true_maps)
+        maps = sensitivity_maps(sample, oracle=self.true_maps, block=self.block)
         entry = (sample, maps, time.perf_counter() - start)
         if i in self.keep:
             self.cache[i] = entry
@@ -732,7 +733,7 @@ def _summary_outputs(plan: Plan, dataset: FastMRISliceDataset, first_record: dic
 def _print_summary(plan: Plan, metrics: dict[str, dict[str, float]], count: int, files: int, skipped: int,
                    map_seconds: float, kept: KeptGamma | None, places: list[str]) -> None:
     config, ranks = plan.spec.config, plan.ranks
-    maps = "true" if config.maps == "true" else "ESPIRiT"
+    maps = "true" if config.maps == "true" else f"ESPIRiT ({config.maps_block} block)"
     procs = f" on {ranks.world_size} processes" if ranks.distributed else ""
     computed = count - skipped
     rate = f" ({map_seconds / computed:.2f} s/slice)" if computed else ""
@@ -790,7 +791,7 @@ def run(spec: RunSpec) -> int:
         if spec.tune and info.target_key is None:
             raise InputError(f"{info.path}: has no target ('reconstruction_rss' / 'reconstruction_esc'), "
                              f"expected targets for --tune.")
-    source = SliceSource(dataset, config.maps == "true", plan.device)
+    source = SliceSource(dataset, config.maps == "true", plan.device, config.maps_block)
     batches = plan_batches(dataset.index, count, config.batch_size)
     tuning = _tune(plan, source, count) if spec.tune else {}
     if plan.shared is None and config.mode == "site" and plan.gamma_methods:

@@ -15,7 +15,9 @@ processes share the list through claim files, so the study resumes and runs in p
     python studies/calibration_screen.py --report                       # the tables (docs/results/calibration_study.md)
 
 Cells (val splits only; the test slices are scored once, by the matrix): the MNI brain prior (``source_brain``) on
-the real knees at 4x and 8x, and the knee prior on the real T1 brain (``colin27_t1``) at 4x.
+the real knees at 4x and 8x, the knee prior on the real T1 brain (``colin27_t1``) at 4x and 8x, and the knee and
+Colin 27 priors on the EPI and the MNI template, whose sigpy-square ESPIRiT maps fail the misfit gate. A cell's
+``maps`` is ESPIRiT's calibration block (``recon.coils.MAP_BLOCKS``; ``square`` unless its name ends in ``_rect``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Cell:
     site: str
     overrides: tuple[str, ...]
     slices: int
+    maps: str = "square"  # ESPIRiT's calibration block (recon.coils.MAP_BLOCKS)
 
 
 CELLS = {
@@ -68,6 +71,24 @@ CELLS = {
     # the matrix's centre at 8x (open_world.yaml): 6 % of 181 columns
     "val4_knee_colin_8x": Cell("val4_knee_colin_8x", "stanford_knee", "colin27_t1",
                                ("data.split=val", "acquisition.acceleration=8", "acquisition.center_fraction=0.06"), 4),
+    # the domains whose square-ESPIRiT maps fail the misfit gate (val slices), with the square and the rectangular
+    # calibration block (recon.coils.acs_rectangle): the matrix's EPI (random 1-D, 8 of 96 centre columns) and the
+    # MNI152 template brain (10 of 128)
+    **{f"val4_{prior_tag}_{tag}_4x{suffix}": Cell(f"val4_{prior_tag}_{tag}_4x{suffix}", prior, site,
+                                                  ("data.split=val", *extra), 4, maps)
+       for prior_tag, prior in (("knee", "stanford_knee"), ("colin", "colin27_t1"))
+       for tag, site, extra in (("epi", "real_epi", ("acquisition.mask_type=random_1d",
+                                                     "acquisition.center_fraction=null")),
+                                ("template", "source_brain", ("acquisition.mask_type=random_1d",
+                                                              "acquisition.center_fraction=null")))
+       for suffix, maps in (("", "square"), ("_rect", "rectangle"))},
+    # the rectangular calibration on cells whose square maps pass the gate (the control)
+    **{f"{name}_rect": Cell(f"{name}_rect", *fields, maps="rectangle")
+       for name, fields in (("tune_brain_knee_4x", ("source_brain", "stanford_knee", ("data.split=train",), 4)),
+                            ("val4_knee_colin_4x", ("stanford_knee", "colin27_t1", ("data.split=val",), 4)),
+                            ("val4_knee_colin_8x", ("stanford_knee", "colin27_t1", ("data.split=val",
+                                                    "acquisition.acceleration=8", "acquisition.center_fraction=0.06"),
+                                                    4)))},
     # the final table: the matrix's test slices (the first 6 of the test split), scored once
     "test_brain_knee_4x": Cell("test_brain_knee_4x", "source_brain", "stanford_knee", (), 6),
     "test_brain_knee_8x": Cell("test_brain_knee_8x", "source_brain", "stanford_knee",
@@ -138,7 +159,8 @@ class Data:
         return self.cache[cell.name][index]
 
     def maps(self, cell: Cell, index: int) -> torch.Tensor:
-        return cached_maps(self.out / "maps" / cell.name / f"{index:03d}.pt", lambda: self.sample(cell, index))
+        return cached_maps(self.out / "maps" / cell.name / f"{index:03d}.pt", lambda: self.sample(cell, index),
+                           block=cell.maps)
 
     def prior(self, name: str):
         if name not in self.priors:

@@ -297,6 +297,7 @@ def _assert_bad_input(capsys, out: Path, argv: list[str], fragment: str) -> None
         (["mode=sometimes"], "'mode'"),
         (["preset=turbo"], "key 'preset' is 'turbo', expected one of quality, fast"),
         (["maps=false"], "'maps'"),
+        (["maps_block=circle"], "key 'maps_block' is 'circle', expected one of square, rectangle"),
         (["methods=[biasrecon,magic]"], "'methods'"),
         (["no_equals_sign"], "key=value"),
         (["biasrecon.calibration_family=bands", "calibration.bands=6"], "variables"),  # 18 blocks x 6 bands > 99
