@@ -93,6 +93,10 @@ CELLS = {
     "test_brain_knee_4x": Cell("test_brain_knee_4x", "source_brain", "stanford_knee", (), 6),
     "test_brain_knee_8x": Cell("test_brain_knee_8x", "source_brain", "stanford_knee",
                                ("acquisition.acceleration=8",), 6),
+    # the same test slices with the rectangular ESPIRiT block (the library's maps since 2026-12-08)
+    "test_brain_knee_4x_rect": Cell("test_brain_knee_4x_rect", "source_brain", "stanford_knee", (), 6, "rectangle"),
+    "test_brain_knee_8x_rect": Cell("test_brain_knee_8x_rect", "source_brain", "stanford_knee",
+                                    ("acquisition.acceleration=8",), 6, "rectangle"),
 }
 # the matrix's sampler (configs/matrix/open_world.yaml); the calibration at every level, as every row before 2026-12-07's
 # seventh session was measured (the library's default since then, calibrate_below 0.1, is the row
