@@ -56,6 +56,9 @@ def test_units_follow_the_cells_and_cross_anatomy_cells_get_the_adaptation_metho
         load_matrix(_config(tmp_path, cells=[{"prior": "heart", "domain": "brain"}]))
     with pytest.raises(InputError, match="cannot be read"):
         load_matrix(tmp_path / "missing.yaml")
+    assert spec.maps_block == "rectangle" and load_matrix(_config(tmp_path, maps_block="square")).maps_block == "square"
+    with pytest.raises(InputError, match="key 'maps_block' is 'circle', expected one of square, rectangle"):
+        load_matrix(_config(tmp_path, maps_block="circle"))
 
 
 def test_a_claim_is_exclusive_until_released_and_a_dead_owners_claim_is_taken_over(tmp_path):
